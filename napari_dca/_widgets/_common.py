@@ -1,0 +1,118 @@
+"""Small helpers the widgets share: messages, layer lookup, devices, worker bookkeeping."""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import numpy as np
+from napari.utils.notifications import show_error, show_info, show_warning
+
+__all__ = ["show_error", "show_info", "show_warning", "UserError", "image_layers", "find_owned_layer",
+           "available_devices", "resolve_device", "check_image", "worker_threads", "layer_region"]
+
+OWNER_KEY = "napari_dca"  # layer.metadata[OWNER_KEY] = {"role": ..., "source": ...} marks our layers
+
+
+class UserError(ValueError):
+    """Bad input the user can fix; its message says what to do next."""
+
+
+def image_layers(viewer) -> list:
+    from napari.layers import Image
+    return [layer for layer in viewer.layers if isinstance(layer, Image)
+            and not layer.metadata.get(OWNER_KEY)]
+
+
+def labels_layers(viewer) -> list:
+    from napari.layers import Labels
+    return [layer for layer in viewer.layers if isinstance(layer, Labels)]
+
+
+def find_owned_layer(viewer, role: str, source: str):
+    """The layer this plugin made for `role` ("labels", "probabilities", ...) of image `source`."""
+    for layer in viewer.layers:
+        meta = layer.metadata.get(OWNER_KEY)
+        if isinstance(meta, dict) and meta.get("role") == role and meta.get("source") == source:
+            return layer
+    return None
+
+
+def owned_metadata(role: str, source: str, **extra) -> dict:
+    return {OWNER_KEY: {"role": role, "source": source, **extra}}
+
+
+def check_image(layer) -> np.ndarray:
+    """The 2D image of an Image layer as an (H, W) or (H, W, C) array, or a UserError saying why not."""
+    if layer is None:
+        raise UserError("No image layer: open an H&E image (File > Open, or File > Open Sample > "
+                        "napari-dca) and pick it in the widget.")
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]
+    rgb = bool(getattr(layer, "rgb", False))
+    spatial = data.ndim - (1 if rgb else 0)
+    if spatial != 2:
+        what = "an RGB stack" if rgb else "a stack"
+        raise UserError(f"'{layer.name}' is {what} of shape {tuple(data.shape)}; napari-dca segments "
+                        f"2D images. Take one plane first (e.g. layer.data[i] in the console, or "
+                        f"Image > Split stack).")
+    if rgb and data.shape[-1] not in (3, 4):
+        raise UserError(f"'{layer.name}' has {data.shape[-1]} colour channels; expected RGB or RGBA.")
+    return data
+
+
+def layer_region(layer, shape: tuple[int, int]) -> tuple[slice, slice]:
+    """The part of `layer` the canvas shows now, as (rows, cols) slices of its data, clipped to
+    `shape`; the whole image when nothing sensible is known (no canvas yet, region under 16 px)."""
+    corners = np.asarray(getattr(layer, "corner_pixels", np.zeros((2, 0))))
+    if corners.shape[-1] < 2:
+        return slice(0, shape[0]), slice(0, shape[1])
+    lo = np.clip(corners[0, -2:], 0, shape).astype(int)
+    hi = np.clip(corners[1, -2:] + 1, 0, shape).astype(int)
+    if np.any(hi - lo < 16):
+        return slice(0, shape[0]), slice(0, shape[1])
+    return slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1]))
+
+
+def available_devices() -> list[tuple[str, str]]:
+    """[(label shown, torch device)], best first, always ending with the CPU."""
+    import torch
+    out = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            out.append((f"CUDA: {torch.cuda.get_device_name(i)}", f"cuda:{i}"))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append(("MPS (Apple GPU)", "mps"))
+    out.append((f"CPU ({os.cpu_count()} cores)", "cpu"))
+    return out
+
+
+def resolve_device(choice: str) -> str:
+    return available_devices()[0][1] if choice in ("", "auto") else choice
+
+
+class worker_threads:
+    """Context manager for code running in a worker: fewer torch CPU threads than cores, so the
+    GUI thread keeps one core to itself (restored afterwards)."""
+
+    def __init__(self, reserve: int = 1):
+        self.reserve = reserve
+
+    def __enter__(self):
+        import torch
+        self._old = torch.get_num_threads()
+        n = max(1, min(self._old, (os.cpu_count() or 2) - self.reserve))
+        torch.set_num_threads(n)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        torch.set_num_threads(self._old)
+        return False
+
+
+def first(items: Iterable, default=None):
+    for item in items:
+        return item
+    return default

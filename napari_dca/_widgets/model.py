@@ -1,0 +1,259 @@
+"""Model widget: pick a backbone or a checkpoint and a device; shows the model card."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import napari
+from napari.qt.threading import thread_worker
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
+                            QPushButton, QVBoxLayout, QWidget)
+
+from ._common import available_devices, resolve_device, show_error, show_info
+from ._state import add_recent_checkpoint, get_state, recent_checkpoints
+
+NEW_MODEL = "__new__"
+
+
+class ModelWidget(QWidget):
+    """Chooses the current model of this viewer (shared with Segment, Fine-tune, Attention)."""
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.state = get_state(viewer)
+        self.worker = None
+
+        self.checkpoint = QComboBox()
+        self.checkpoint.setToolTip("Bundled defaults, recently opened files, or a new untrained model")
+        self.browse = QPushButton("Open…")
+        self.browse.setToolTip("Open a napari-dca .safetensors checkpoint")
+        row = QHBoxLayout()
+        row.addWidget(self.checkpoint, 1)
+        row.addWidget(self.browse)
+
+        self.backbone = QComboBox()
+        from src_models import list_models
+        self.backbone.addItems(list_models())
+        self.dca = QCheckBox("Dual cross-attention (DCA)")
+        self.dca.setChecked(True)
+        self.task = QComboBox()
+        self.task.addItems(["nuclei", "glands", "semantic"])
+        self.task.setToolTip("Task of a new model (a checkpoint brings its own)")
+
+        self.device = QComboBox()
+        devices = available_devices()
+        self.device.addItem(f"auto ({devices[0][0]})", "auto")
+        for label, dev in devices:
+            self.device.addItem(label, dev)
+
+        self.load_button = QPushButton("Load model")
+        self.card = QLabel("No model loaded.")
+        self.card.setWordWrap(True)
+        self.card.setTextInteractionFlags(Qt.TextSelectableByMouse)
+
+        form = QFormLayout()
+        form.addRow("Checkpoint", row)
+        form.addRow("Backbone", self.backbone)
+        form.addRow("", self.dca)
+        form.addRow("Task", self.task)
+        form.addRow("Device", self.device)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.load_button)
+        layout.addWidget(self.card)
+        layout.addStretch(1)
+
+        self._fill_checkpoints()
+        self.checkpoint.currentIndexChanged.connect(self._on_checkpoint_choice)
+        self.browse.clicked.connect(self._on_browse)
+        self.load_button.clicked.connect(self.load)
+        self.device.currentIndexChanged.connect(self._on_device)
+        self.state.events.model.connect(self._show_card)
+        self.state.events.version.connect(self._show_card)
+        self._on_checkpoint_choice()
+        if self.state.model is not None:
+            self._show_card()
+
+    # --- choices ---------------------------------------------------------------------------------
+    def _fill_checkpoints(self, select: str | None = None) -> None:
+        from src_models.checkpoints import bundled_checkpoints
+
+        self.checkpoint.blockSignals(True)
+        self.checkpoint.clear()
+        bundled = bundled_checkpoints()
+        for name in ("nuclei", "glands"):
+            if name in bundled:
+                self.checkpoint.addItem(f"{name} (bundled default)", name)
+        for name in bundled:
+            if name not in ("nuclei", "glands"):
+                self.checkpoint.addItem(f"{name} (bundled)", name)
+        for path in recent_checkpoints():
+            self.checkpoint.addItem(Path(path).name, path)
+            self.checkpoint.setItemData(self.checkpoint.count() - 1, path, 3)  # tooltip: full path
+        self.checkpoint.addItem("New untrained model of the chosen backbone", NEW_MODEL)
+        if select is not None:
+            idx = self.checkpoint.findData(select)
+            if idx >= 0:
+                self.checkpoint.setCurrentIndex(idx)
+        self.checkpoint.blockSignals(False)
+        self._on_checkpoint_choice()
+
+    def select_checkpoint(self, name_or_path: str) -> None:
+        """Selects a bundled name or a file (added to the list if new)."""
+        if self.checkpoint.findData(name_or_path) < 0 and name_or_path != NEW_MODEL:
+            self.checkpoint.insertItem(0, Path(name_or_path).name, name_or_path)
+        self.checkpoint.setCurrentIndex(self.checkpoint.findData(name_or_path))
+
+    def _on_checkpoint_choice(self, *_):
+        new = self.checkpoint.currentData() == NEW_MODEL
+        for w in (self.backbone, self.dca, self.task):
+            w.setEnabled(new)
+
+    def _on_browse(self):
+        path, _ = QFileDialog.getOpenFileName(self, "Open a napari-dca checkpoint", "",
+                                              "DCA checkpoints (*.safetensors);;All files (*)")
+        if path:
+            self.select_checkpoint(path)
+            self.load()
+
+    def _on_device(self, *_):
+        if self.state.model is not None and self.worker is None:
+            self.load()  # move the current model; reloading keeps the same weights source
+
+    def device_choice(self) -> str:
+        return resolve_device(self.device.currentData())
+
+    # --- loading ---------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Loads the chosen checkpoint (or builds a new model) in a worker; sets the shared state."""
+        if self.worker is not None:
+            return
+        choice = self.checkpoint.currentData()
+        device = self.device_choice()
+        backbone, dca, task = self.backbone.currentText(), self.dca.isChecked(), self.task.currentText()
+        if choice is None:
+            show_error("Choose a checkpoint or 'New untrained model' first.")
+            return
+        current = self.state
+        if (choice != NEW_MODEL and current.model is not None and current.checkpoint == str(choice)
+                and current.device != device):
+            # Same checkpoint, other device: move it (keeps fine-tuned weights).
+            self._finish((current.model.to(device), current.card, current.checkpoint, device))
+            return
+
+        @thread_worker
+        def work():
+            if choice == NEW_MODEL:
+                from src_models import build_model
+                from src_models.checkpoints import card_for
+                model = build_model(backbone, dca=dca).to(device).eval()
+                card = card_for(model, task=task, trained_on="nothing yet (random weights)",
+                                licence="MIT")
+                return model, card, "", device
+            from src_models.checkpoints import load_checkpoint
+            model, card = load_checkpoint(choice, device=device)
+            return model, card, str(choice), device
+
+        self.load_button.setEnabled(False)
+        self.load_button.setText("Loading…")
+        self.worker = work()
+        self.worker.returned.connect(self._finish)
+        self.worker.errored.connect(self._failed)
+        self.worker.finished.connect(self._done)
+        self.worker.start()
+
+    def _finish(self, result) -> None:
+        model, card, source, device = result
+        self.state.device = device
+        self.state.set_model(model, card, source)
+        from src_models.checkpoints import bundled_checkpoints
+        if source and source not in bundled_checkpoints():
+            add_recent_checkpoint(source)
+        show_info(f"napari-dca: {card.architecture}{' + DCA' if _has_dca(model) else ''} ready on "
+                  f"{device}.")
+
+    def _failed(self, err) -> None:
+        show_error(f"Could not load the model: {err}. Choose a napari-dca .safetensors checkpoint, a "
+                   f"bundled default, or a new untrained model.")
+
+    def _done(self) -> None:
+        self.worker = None
+        self.load_button.setEnabled(True)
+        self.load_button.setText("Load model")
+
+    # --- card ------------------------------------------------------------------------------------
+    def _show_card(self, *_):
+        self.card.setText(card_html(self.state))
+        if self.state.model is not None:
+            idx = self.backbone.findText(self.state.card.architecture) if self.state.card else -1
+            if idx >= 0:
+                self.backbone.setCurrentIndex(idx)
+            self.dca.setChecked(_has_dca(self.state.model))
+            if self.state.card is not None:
+                i = self.task.findText(self.state.card.task)
+                if i >= 0:
+                    self.task.setCurrentIndex(i)
+
+
+def _has_dca(model) -> bool:
+    return getattr(model, "dca", None) is not None or any(
+        type(m).__name__ == "DCA" for m in model.modules())
+
+
+def card_html(state) -> str:
+    """The model card as a short readable summary."""
+    model, card = state.model, state.card
+    if model is None:
+        return "No model loaded."
+    n_params = sum(p.numel() for p in model.parameters())
+    esc = html.escape
+    rows = []
+    arch = card.architecture if card else type(model).__name__
+    rows.append(("Model", f"{arch}{' + DCA' if _has_dca(model) else ''}, "
+                          f"{n_params / 1e6:.2f} M parameters"))
+    if state.checkpoint:
+        path = state.checkpoint
+        try:
+            from src_models.checkpoints import resolve_checkpoint
+            p = resolve_checkpoint(path)
+            size = f"{p.stat().st_size / 1e6:.1f} MB"
+            rows.append(("Checkpoint", f"{p.name} ({size})"))
+        except Exception:
+            rows.append(("Checkpoint", str(path)))
+    else:
+        rows.append(("Checkpoint", "none (new, untrained)"))
+    rows.append(("Device", state.device))
+    if card is not None:
+        rows.append(("Task", f"{card.task}; classes {', '.join(map(str, card.class_names))}; "
+                             f"tile {card.tile_size}"))
+        if card.trained_on:
+            rows.append(("Trained on", card.trained_on))
+        if card.data_split:
+            rows.append(("Split", ", ".join(f"{k}: {_short(v)}" for k, v in card.data_split.items())))
+        if card.metrics:
+            rows.append(("Metrics", ", ".join(f"{k} {_fmt(v)}" for k, v in card.metrics.items())))
+        if card.parent:
+            rows.append(("Fine-tuned from", card.parent))
+        if card.corrections:
+            rows.append(("Corrections", ", ".join(f"{k}: {_short(v)}" for k, v in card.corrections.items())))
+        if card.licence:
+            rows.append(("Licence", card.licence))
+    return "<table>" + "".join(
+        f"<tr><td valign='top'><b>{esc(k)}</b>&nbsp;</td><td>{esc(str(v))}</td></tr>" for k, v in rows
+    ) + "</table>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, dict):
+        return "(" + ", ".join(f"{k} {_fmt(x)}" for k, x in list(v.items())[:6]) + ")"
+    return str(v)
+
+
+def _short(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return f"{len(v)} items" if len(v) > 4 else ", ".join(map(str, v))
+    return _fmt(v)
