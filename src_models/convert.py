@@ -28,6 +28,10 @@ _KWARG_NAMES = {
 }
 # Reference arguments that have no meaning here (our token grid follows the input).
 _IGNORED_KWARGS = {"input_size", "device"}
+# Reference classes that ignore their filter coefficient k and always build the network that
+# width 0.5 gives here (MultiResUNet, V-Net; DoubleU-Net's widths are fixed too).
+_REFERENCE_FIXED_KWARGS = {"multiresunet": {"width": 0.5}, "vnet": {"width": 0.5},
+                           "doubleunet": {"width": 0.5}}
 
 
 def official_kwargs_to_ours(official_kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -77,6 +81,7 @@ def from_official(name: str, state_dict: Mapping[str, torch.Tensor],
 
     name: our registry name; state_dict: the reference's; official_kwargs: the reference
     constructor's arguments (as fixtures' manifest.json lists them)."""
-    model = build_model(name, **official_kwargs_to_ours(official_kwargs))
+    kwargs = {**official_kwargs_to_ours(official_kwargs), **_REFERENCE_FIXED_KWARGS.get(name, {})}
+    model = build_model(name, **kwargs)
     model.load_state_dict(convert_official_state_dict(name, state_dict, model))
     return model.eval()
