@@ -12,16 +12,16 @@ import numpy as np
 SAMPLES_DIR = Path(__file__).parent / "samples"
 
 GLANDS = {
-    "file": "glands_GlaS_train_1",
-    "name": "H&E glands (GlaS train_1)",
+    "file": "glands_GlaS_train_12",
+    "name": "H&E glands (GlaS train_12, validation split)",
     "task": "glands",
     "licence": "GlaS: research use only, no commercial use",
     "citation": ("Sirinukunwattana et al., IEEE TMI 34(11) 2015; "
                  "Sirinukunwattana et al., Medical Image Analysis 35, 2017"),
 }
 NUCLEI = {
-    "file": "nuclei_MoNuSeg_TCGA-18-5592-01Z-00-DX1",
-    "name": "H&E nuclei (MoNuSeg TCGA-18-5592)",
+    "file": "nuclei_MoNuSeg_TCGA-21-5786-01Z-00-DX1",
+    "name": "H&E nuclei (MoNuSeg TCGA-21-5786, validation split)",
     "task": "nuclei",
     "licence": "MoNuSeg: CC BY-NC-SA 4.0",
     "citation": "Kumar et al., IEEE TMI 36(7) 2017; Kumar et al., IEEE TMI 39(5) 2020",
@@ -48,10 +48,10 @@ def load_sample(sample: dict, with_mask: bool = True) -> list[tuple]:
 
 
 def glands_sample() -> list[tuple]:
-    """H&E colon glands, 512 x 512 crop of GlaS train_1 (research use only)."""
+    """H&E colon glands, 433 x 512 crop of GlaS train_12 (research use only)."""
     return load_sample(GLANDS)
 
 
 def nuclei_sample() -> list[tuple]:
-    """H&E nuclei, 512 x 512 crop of MoNuSeg TCGA-18-5592-01Z-00-DX1 (CC BY-NC-SA 4.0)."""
+    """H&E nuclei, 512 x 512 crop of MoNuSeg TCGA-21-5786-01Z-00-DX1 (CC BY-NC-SA 4.0)."""
     return load_sample(NUCLEI)
