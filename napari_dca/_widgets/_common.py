@@ -6,6 +6,7 @@ from typing import Iterable
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtWidgets import QComboBox
 
 __all__ = ["show_error", "show_info", "show_warning", "UserError", "image_layers", "find_owned_layer",
            "available_devices", "resolve_device", "check_image", "worker_threads", "layer_region"]
@@ -116,3 +117,55 @@ def first(items: Iterable, default=None):
     for item in items:
         return item
     return default
+
+
+class LayerCombo(QComboBox):
+    """A combo box of the viewer's layers of some kinds, kept in sync with the layer list.
+
+    Layers this plugin made (outputs) are left out unless `include_owned`."""
+
+    def __init__(self, viewer, kinds: tuple, none_text: str | None = None,
+                 include_owned: bool = False, parent=None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.kinds = kinds
+        self.none_text = none_text
+        self.include_owned = include_owned
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed,
+                      viewer.layers.events.moved):
+            event.connect(self.refresh)
+        viewer.layers.events.connect(self._on_layer_event)
+        self.refresh()
+
+    def _accept(self, layer) -> bool:
+        if not isinstance(layer, self.kinds):
+            return False
+        return self.include_owned or not isinstance(layer.metadata.get(OWNER_KEY), dict)
+
+    def _on_layer_event(self, event) -> None:
+        if event.type == "name":
+            self.refresh()
+
+    def refresh(self, *_) -> None:
+        current = self.currentText()
+        self.blockSignals(True)
+        self.clear()
+        if self.none_text is not None:
+            self.addItem(self.none_text)
+        self.addItems([layer.name for layer in self.viewer.layers if self._accept(layer)][::-1])
+        idx = self.findText(current)
+        self.setCurrentIndex(idx if idx >= 0 else 0)
+        self.blockSignals(False)
+        if self.currentText() != current:
+            self.currentIndexChanged.emit(self.currentIndex())
+
+    def layer(self):
+        name = self.currentText()
+        if not name or (self.none_text is not None and name == self.none_text):
+            return None
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def select(self, name: str) -> None:
+        idx = self.findText(name)
+        if idx >= 0:
+            self.setCurrentIndex(idx)

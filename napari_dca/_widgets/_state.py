@@ -19,7 +19,8 @@ class ModelState:
     card: Any = None             # src_models.checkpoints.ModelCard, or None for an untrained model
     device: str = "cpu"          # torch device string the model lives on
     checkpoint: str = ""         # path or bundled name it came from ("" for a new model)
-    version: int = 0             # bumped whenever the weights change in place (fine-tune, revert)
+    version: int = 0             # bumped whenever the weights change (fine-tune, revert)
+    result: Any = None           # the last segmentation (segment.SegmentResult), for live relabeling
 
     def set_model(self, model, card, checkpoint: str = "") -> None:
         with self.events.paused():  # one batch of events, after every field is consistent

@@ -1,0 +1,122 @@
+"""Long work off the GUI thread: a progress bar + Cancel button that runs one job at a time.
+
+A job is `fn(report)`, run in napari's `thread_worker`; `report(done, total, info=None)` moves the
+bar (and hands `info` to the widget, e.g. a loss value) and raises `Cancelled` once the user has
+pressed Cancel. The job's exceptions are caught in the worker and shown as a short message on the GUI
+thread (napari would otherwise show a traceback). Results reach `on_result` on the GUI thread.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from napari.qt.threading import thread_worker
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import QHBoxLayout, QProgressBar, QPushButton, QWidget
+
+from ._common import UserError, show_error, show_info, worker_threads
+from ._engine import Cancelled
+
+log = logging.getLogger(__name__)
+
+
+class JobPanel(QWidget):
+    progressed = Signal(int, int)
+    info = Signal(object)
+    finished = Signal()  # after the result (or error) has been handled, on the GUI thread
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.bar = QProgressBar()
+        self.bar.setTextVisible(True)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.bar, 1)
+        layout.addWidget(self.cancel_button)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progressed.connect(self._on_progress)
+        self.worker = None
+        self._cancel = threading.Event()
+        self._last_emit = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.worker is not None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self.bar.setFormat("cancelling…")
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.bar.setMaximum(max(total, 1))
+        self.bar.setValue(done)
+        self.bar.setFormat(f"%v / %m")
+
+    def run(self, fn: Callable[[Callable], Any], on_result: Callable[[Any], None],
+            what: str, hint: str = "") -> bool:
+        """Starts `fn` in a worker unless one is running; False (and a message) if busy."""
+        if self.worker is not None:
+            show_info(f"napari-dca is still busy; wait for it or press Cancel.")
+            return False
+        self._cancel.clear()
+        cancel = self._cancel
+
+        def report(done: int, total: int, info: Any = None) -> None:
+            if cancel.is_set():
+                raise Cancelled()
+            now = time.monotonic()
+            # Throttle bar updates (the GUI thread only needs ~20 per second); always pass info.
+            if done >= total or now - self._last_emit > 0.05:
+                self._last_emit = now
+                self.progressed.emit(done, total)
+            if info is not None:
+                self.info.emit(info)
+            time.sleep(0)  # let the GUI thread take the GIL between steps
+
+        @thread_worker
+        def work():
+            try:
+                with worker_threads():
+                    return ("ok", fn(report))
+            except Cancelled:
+                return ("cancelled", None)
+            except Exception as err:  # shown as a message on the GUI thread, never a traceback
+                log.debug("napari-dca job %s failed", what, exc_info=True)
+                return ("error", err)
+
+        def returned(result):
+            status, value = result
+            try:
+                if status == "ok":
+                    on_result(value)
+                elif status == "cancelled":
+                    show_info(f"napari-dca: {what} cancelled.")
+                else:
+                    msg = str(value) if isinstance(value, UserError) else (
+                        f"{what} failed: {value}. {hint}".strip())
+                    show_error(msg)
+            except UserError as err:
+                show_error(str(err))
+            except Exception as err:
+                log.debug("napari-dca: handling %s failed", what, exc_info=True)
+                show_error(f"{what}: could not show the result ({err}).")
+
+        def done():
+            self.worker = None
+            self.cancel_button.setEnabled(False)
+            if self.bar.format() == "cancelling…":
+                self.bar.setFormat("cancelled")
+            self.finished.emit()
+
+        self.bar.setMaximum(0)  # busy indicator until the first report
+        self.bar.setFormat(f"{what}…")
+        self.cancel_button.setEnabled(True)
+        self.worker = work()
+        self.worker.returned.connect(returned)
+        self.worker.finished.connect(done)
+        self.worker.start()
+        return True
