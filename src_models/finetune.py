@@ -1,0 +1,305 @@
+"""Fine-tune a model on a pathologist's corrections of one image (the plugin's "teach" round).
+
+The pathologist looks at an image, corrects the predicted objects inside a region they reviewed, and
+asks the model to learn from it. `finetune` trains a deep copy of the model (the original stays
+untouched, so the round can be reverted) on random tile-sized crops of that image, with exact
+flips / 90-degree rotations, Dice + cross-entropy counted only on reviewed pixels, AdamW at a low
+learning rate. BatchNorm layers stay in eval mode: a handful of corrected tiles must not overwrite
+running statistics gathered over a whole training set. Optionally only the decoder side trains
+(`train="decoder"`), and tiles from the model's own training data can be mixed in ("replay") so the
+model does not forget what it knew.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .losses import dice_ce_loss
+from .preprocess import DEFAULT_NORMALIZATION, as_float01, normalize, to_channels
+
+# Parameter-name prefixes of each backbone's encoder (everything that sees the image before the DCA
+# skips and the decoder). train="decoder" freezes exactly these.
+ENCODER_PREFIXES: dict[str, tuple[str, ...]] = {
+    "unet": ("encoder.", "bottleneck."),
+    "r2unet": ("encoder.", "bottleneck."),
+    "vnet": ("encoder.", "bottleneck."),
+    "multiresunet": ("encoder.", "bottleneck."),
+    "resunetpp": ("stem.", "stem_shortcut.", "encoder.", "bridge."),
+    "doubleunet": ("encoder1.", "bridge1.", "encoder2.", "bridge2."),
+}
+_GENERIC_ENCODER_PREFIXES = ("encoder", "bottleneck", "bridge", "stem")
+
+
+def encoder_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes that make up `model`'s encoder, by its registry name; for an unknown
+    architecture, its top-level modules whose names start with encoder/bottleneck/bridge/stem."""
+    name = getattr(model, "registry_name", None)
+    if name in ENCODER_PREFIXES:
+        return ENCODER_PREFIXES[name]
+    found = tuple(f"{child}." for child, _ in model.named_children()
+                  if child.startswith(_GENERIC_ENCODER_PREFIXES))
+    if not found:
+        raise ValueError(f"cannot tell the encoder of {type(model).__name__}: add its parameter-name "
+                         f"prefixes to src_models.finetune.ENCODER_PREFIXES")
+    return found
+
+
+def is_encoder_param(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name.startswith(p) for p in prefixes)
+
+
+@dataclass
+class FinetuneResult:
+    """What one fine-tuning round produced. `model` is a new module (eval mode); the one passed in is
+    unchanged. `corrections` is meant for the new checkpoint card's `corrections` field."""
+    model: nn.Module
+    loss_history: list[float]
+    steps_done: int
+    steps_requested: int
+    cancelled: bool
+    corrections: dict[str, Any]
+    seconds: float = 0.0
+    stopped: str = "steps"          # "steps" | "cancelled" | "non-finite loss"
+
+    def card(self, parent_card, parent: str | None = None):
+        """The parent's ModelCard with `parent` and `corrections` filled in (a copy)."""
+        from .checkpoints import ModelCard
+        d = parent_card.to_dict() if hasattr(parent_card, "to_dict") else dict(parent_card)
+        d.pop("created", None)
+        d["parent"] = parent if parent is not None else (d.get("parent") or d.get("trained_on") or "")
+        previous = d.get("corrections") or {}
+        rounds = list(previous.get("rounds", [])) if isinstance(previous, dict) else []
+        d["corrections"] = {"rounds": rounds + [self.corrections]}
+        return ModelCard.from_dict(d)
+
+
+# --------------------------------------------------------------------------- inputs
+def region_mask(region, shape: tuple[int, int]) -> np.ndarray:
+    """None -> the whole image; (y0, y1, x0, x1) box (end exclusive, clipped) or an (H, W) boolean
+    mask -> (H, W) bool of pixels whose labels count as ground truth."""
+    h, w = shape
+    if region is None:
+        return np.ones((h, w), bool)
+    if isinstance(region, np.ndarray) and region.ndim == 2:
+        if region.shape != (h, w):
+            raise ValueError(f"region mask has shape {region.shape}, the image is {(h, w)}")
+        return region.astype(bool)
+    try:
+        y0, y1, x0, x1 = (int(v) for v in region)
+    except (TypeError, ValueError):
+        raise ValueError("region must be None, an (H, W) boolean mask or a (y0, y1, x0, x1) box") from None
+    mask = np.zeros((h, w), bool)
+    mask[max(0, y0):max(0, min(h, y1)), max(0, x0):max(0, min(w, x1))] = True
+    return mask
+
+
+def describe_corrections(image: np.ndarray, labels: np.ndarray, valid: np.ndarray, region) -> dict:
+    """A JSON-able summary of what the pathologist corrected, for the model card."""
+    inside = np.where(valid, labels, 0)
+    objects = np.unique(inside)
+    if region is None:
+        reg: dict[str, Any] = {"type": "whole image"}
+    elif isinstance(region, np.ndarray) and region.ndim == 2:
+        ys, xs = np.nonzero(valid)
+        bbox = [int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1] if ys.size else None
+        reg = {"type": "mask", "pixels": int(valid.sum()), "bbox_y0_y1_x0_x1": bbox}
+    else:
+        reg = {"type": "box", "y0_y1_x0_x1": [int(v) for v in region]}
+    return {"image_shape": [int(s) for s in image.shape], "region": reg,
+            "reviewed_pixels": int(valid.sum()), "labelled_pixels": int(np.count_nonzero(inside)),
+            "objects": int(np.count_nonzero(objects))}
+
+
+def _target(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Instance ids -> foreground for binary models; class ids kept for multi-class models."""
+    return (labels > 0).astype(np.int64) if num_classes == 1 else labels.astype(np.int64)
+
+
+class CorrectionSampler:
+    """Random crops (crop_h, crop_w) of the corrected image that contain reviewed pixels, with random
+    flips and 90-degree rotations applied to image, target and valid mask alike. The crop positions
+    depend only on the seed and the region, never on the labels.
+
+    batch(rng, n) -> x (n, C, h, w) float32, target (n, h, w) int64, valid (n, h, w) bool."""
+
+    def __init__(self, image: np.ndarray, labels: np.ndarray, valid: np.ndarray, tile_size: int,
+                 in_channels: int, num_classes: int, normalization=None):
+        x = normalize(as_float01(to_channels(image, in_channels)), normalization or DEFAULT_NORMALIZATION)
+        self.x = x                                   # (C, H, W) float32
+        self.target = _target(labels, num_classes)   # (H, W)
+        self.valid = valid
+        h, w = valid.shape
+        self.crop = (min(tile_size, h), min(tile_size, w))
+        self.valid_idx = np.flatnonzero(valid)
+
+    def _window(self, rng: np.random.Generator) -> tuple[int, int]:
+        h, w = self.valid.shape
+        ch, cw = self.crop
+        y, x = np.unravel_index(self.valid_idx[rng.integers(self.valid_idx.size)], (h, w))
+        # a window containing that reviewed pixel, uniformly among such windows inside the image
+        y0 = rng.integers(max(0, y - ch + 1), min(y, h - ch) + 1)
+        x0 = rng.integers(max(0, x - cw + 1), min(x, w - cw) + 1)
+        return int(y0), int(x0)
+
+    def batch(self, rng: np.random.Generator, n: int):
+        xs, ts, vs = [], [], []
+        ch, cw = self.crop
+        for _ in range(n):
+            y0, x0 = self._window(rng)
+            sl = (slice(y0, y0 + ch), slice(x0, x0 + cw))
+            x, t, v = self.x[(slice(None),) + sl], self.target[sl], self.valid[sl]
+            x, t, v = _flip_rot(rng, x, t, v, square=ch == cw)
+            xs.append(x), ts.append(t), vs.append(v)
+        return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ts)),
+                torch.from_numpy(np.stack(vs)))
+
+
+def _flip_rot(rng: np.random.Generator, x: np.ndarray, t: np.ndarray, v: np.ndarray, square: bool):
+    """x (C, h, w), t and v (h, w): the same exact flip / rotation for all three."""
+    if rng.random() < 0.5:
+        x, t, v = x[:, :, ::-1], t[:, ::-1], v[:, ::-1]
+    if rng.random() < 0.5:
+        x, t, v = x[:, ::-1], t[::-1], v[::-1]
+    k = int(rng.integers(0, 4)) if square else 0  # non-square crops would change shape in a batch
+    if k:
+        x, t, v = np.rot90(x, k, axes=(1, 2)), np.rot90(t, k), np.rot90(v, k)
+    return np.ascontiguousarray(x), np.ascontiguousarray(t), np.ascontiguousarray(v)
+
+
+class ReplaySampler:
+    """Crops of the model's own training data (Sample objects or (image, mask) pairs), all pixels
+    valid, cut at the same crop size as the corrections so both stack into one batch."""
+
+    def __init__(self, samples, crop: tuple[int, int], in_channels: int, num_classes: int,
+                 normalization=None):
+        self.items = []
+        for s in samples:
+            image, mask = (s.image, s.mask) if hasattr(s, "image") else s
+            h, w = mask.shape
+            if h < crop[0] or w < crop[1]:
+                continue
+            self.items.append(CorrectionSampler(image, mask, np.ones((h, w), bool), max(crop),
+                                                in_channels, num_classes, normalization))
+            self.items[-1].crop = crop
+        if not self.items:
+            raise ValueError(f"no replay image is at least {crop} pixels")
+
+    def batch(self, rng: np.random.Generator, n: int):
+        picks = [self.items[rng.integers(len(self.items))].batch(rng, 1) for _ in range(n)]
+        return tuple(torch.cat(parts) for parts in zip(*picks))
+
+
+def replay_from_card(card, data_root, max_images: int = 4, seed: int = 0) -> list:
+    """Up to max_images training images of the checkpoint, by the names its card lists in
+    data_split["train"], loaded from data_root (a folder with images/ and masks/)."""
+    from .data import list_pairs, load_samples
+    names = list((card.data_split or {}).get("train", []))
+    available = set(list_pairs(data_root))
+    names = [n for n in names if n in available]
+    if not names:
+        raise ValueError(f"none of the card's training images are under {data_root}")
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(names, size=min(max_images, len(names)), replace=False).tolist())
+    return load_samples(data_root, pick)
+
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+# --------------------------------------------------------------------------- the round
+def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=None, steps: int = 60,
+             lr: float = 3e-4, train: str = "all", tile_size: int | None = None, card=None,
+             replay=None, progress: Callable[[int, int, float], None] | None = None,
+             cancel: Callable[[], bool] | None = None, seed: int = 0, batch_size: int = 2,
+             replay_per_batch: int = 1, weight_decay: float = 1e-4) -> FinetuneResult:
+    """Train a copy of `model` on corrected labels of one image.
+
+    image: (H, W, 3) uint8 / float (or (H, W) gray); labels: (H, W) corrected instance ids
+    (0 = background; class ids for multi-class models); region: None (all of the image), an (H, W)
+    boolean mask or a (y0, y1, x0, x1) box: only labels there count (the loss ignores other pixels).
+    train: "all" or "decoder" (encoder frozen, see `encoder_prefixes`). tile_size: crop side, by
+    default the card's tile size (256 without a card). card: the model's ModelCard (normalisation,
+    tile size). replay: training samples of the model ((image, mask) pairs or data.Sample) of which
+    `replay_per_batch` crops join every batch. progress(step, steps, loss) after every step; cancel()
+    is checked before every step and stops the round with the weights of the last finished step.
+    Raises ValueError, before any training, if the reviewed region holds no labelled pixel."""
+    if train not in ("all", "decoder"):
+        raise ValueError(f"train must be 'all' or 'decoder', got {train!r}")
+    image, labels = np.asarray(image), np.asarray(labels)
+    if labels.ndim != 2 or image.shape[:2] != labels.shape:
+        raise ValueError(f"labels {labels.shape} must be (H, W) and match the image {image.shape}")
+    valid = region_mask(region, labels.shape)
+    if not valid.any():
+        raise ValueError("the reviewed region is empty: select the area whose labels you corrected")
+    if not np.any(labels[valid] > 0):
+        raise ValueError("the corrections contain no labelled object in the reviewed region: label at "
+                         "least one object (fine-tuning on background alone would teach the model "
+                         "to predict nothing)")
+    corrections = describe_corrections(image, labels, valid, region)
+
+    t0 = time.perf_counter()
+    cfg = getattr(model, "config", {})
+    in_channels, num_classes = int(cfg.get("in_channels", 3)), int(cfg.get("num_classes", 1))
+    normalization = getattr(card, "normalization", None) or DEFAULT_NORMALIZATION
+    tile = int(tile_size or getattr(card, "tile_size", None) or 256)
+    sampler = CorrectionSampler(image, labels, valid, tile, in_channels, num_classes, normalization)
+    replayer = (ReplaySampler(replay, sampler.crop, in_channels, num_classes, normalization)
+                if replay else None)
+
+    new = copy.deepcopy(model)
+    device = next(new.parameters()).device
+    prefixes = encoder_prefixes(new) if train == "decoder" else ()
+    params = []
+    for name, p in new.named_parameters():
+        p.requires_grad_(not is_encoder_param(name, prefixes))
+        if p.requires_grad:
+            params.append(p)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    new.train()
+    _freeze_batchnorm(new)
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    history: list[float] = []
+    stopped = "steps"
+    for step in range(steps):
+        if cancel is not None and cancel():
+            stopped = "cancelled"
+            break
+        x, t, v = sampler.batch(rng, batch_size)
+        if replayer is not None and replay_per_batch > 0:
+            rx, rt, rv = replayer.batch(rng, replay_per_batch)
+            x, t, v = torch.cat([x, rx]), torch.cat([t, rt]), torch.cat([v, rv])
+        x, t, v = x.to(device), t.to(device), v.to(device)
+        loss = dice_ce_loss(new(x), t, v)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            stopped = "non-finite loss"  # keep the weights of the last finished step
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(value)
+        if progress is not None:
+            progress(step + 1, steps, value)
+    for p in new.parameters():
+        p.requires_grad_(True)
+    new.eval()
+    steps_done = len(history)
+    corrections.update({"steps": steps_done, "lr": lr, "train": train, "tile_size": tile,
+                        "batch_size": batch_size, "seed": seed,
+                        "replay_images": len(replayer.items) if replayer is not None else 0,
+                        "final_loss": history[-1] if history else None})
+    return FinetuneResult(model=new, loss_history=history, steps_done=steps_done, steps_requested=steps,
+                          cancelled=stopped == "cancelled", corrections=corrections,
+                          seconds=time.perf_counter() - t0, stopped=stopped)

@@ -1,0 +1,179 @@
+"""Fine-tuning on a pathologist's corrections: learns, keeps the original, honours cancel, the
+reviewed region and a frozen encoder, and refuses empty corrections."""
+import numpy as np
+import pytest
+import torch
+
+from src_models import build_model
+from src_models.finetune import (CorrectionSampler, FinetuneResult, encoder_prefixes, finetune,
+                                 region_mask)
+from src_models.losses import dice_ce_loss
+
+torch.set_num_threads(1)
+TILE = 32
+
+
+def toy_image(seed: int = 0, size: int = 64):
+    """Dark purple disks (nuclei) on a pink background: image (size, size, 3) uint8, labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    for i in range(1, 9):
+        cy, cx, r = rng.integers(6, size - 6), rng.integers(6, size - 6), rng.integers(3, 6)
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+    image = np.empty((size, size, 3), np.float32)
+    image[:] = (230, 170, 200)
+    image[labels > 0] = (90, 40, 130)
+    image += rng.normal(0, 8, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model("unet", width=0.125).eval()
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_loss_decreases_and_original_is_untouched(tiny):
+    image, labels = toy_image()
+    before = weights(tiny)
+    seen = []
+    res = finetune(tiny, image, labels, steps=25, lr=3e-3, tile_size=TILE,
+                   progress=lambda s, n, loss: seen.append((s, n)))
+    assert isinstance(res, FinetuneResult) and res.steps_done == 25 and not res.cancelled
+    assert seen[0] == (1, 25) and seen[-1] == (25, 25)
+    first, last = np.mean(res.loss_history[:5]), np.mean(res.loss_history[-5:])
+    assert last < 0.8 * first, (first, last)
+    for k, v in tiny.state_dict().items():
+        assert torch.equal(v, before[k]), f"original model changed at {k}"
+    assert res.model is not tiny and not res.model.training
+    assert res.corrections["objects"] == 8
+    assert res.corrections["labelled_pixels"] == int((labels > 0).sum())
+    assert res.corrections["image_shape"] == [64, 64, 3]
+
+
+def test_batchnorm_running_stats_stay_frozen(tiny):
+    image, labels = toy_image()
+    res = finetune(tiny, image, labels, steps=3, tile_size=TILE)
+    for (k, v), (_, w) in zip(tiny.state_dict().items(), res.model.state_dict().items()):
+        if "running_" in k or "num_batches_tracked" in k:
+            assert torch.equal(v, w), k
+
+
+def test_cancel_returns_usable_model_with_fewer_steps(tiny):
+    image, labels = toy_image()
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] > 3  # allow three steps, then stop
+
+    res = finetune(tiny, image, labels, steps=20, tile_size=TILE, cancel=cancel)
+    assert res.cancelled and res.steps_done == 3 < 20
+    assert res.corrections["steps"] == 3
+    with torch.no_grad():
+        out = res.model(torch.zeros(1, 3, 48, 48))
+    assert out.shape == (1, 1, 48, 48) and torch.isfinite(out).all()
+
+
+def test_labels_outside_region_do_not_contribute(tiny):
+    # Same seed and region -> same crops; labels differ only outside the region. The loss and every
+    # gradient must be identical, and so must the fine-tuned weights.
+    image, labels = toy_image()
+    region = np.zeros(labels.shape, bool)
+    region[:, :32] = True
+    other = labels.copy()
+    other[:, 32:] = 0
+    other[40:60, 40:60] = 99
+    grads = []
+    for lab in (labels, other):
+        sampler = CorrectionSampler(image, lab, region, TILE, 3, 1)
+        x, t, v = sampler.batch(np.random.default_rng(0), 2)
+        assert v.float().mean() < 1  # crops reach outside the region, so the test can fail
+        model = build_model("unet", width=0.125)
+        model.load_state_dict(tiny.state_dict())
+        model.eval()
+        loss = dice_ce_loss(model(x), t, v)
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == grads[1][0]
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        assert torch.equal(g0, g1)
+    a = finetune(tiny, image, labels, region=region, steps=2, tile_size=TILE)
+    b = finetune(tiny, image, other, region=region, steps=2, tile_size=TILE)
+    for (k, v), (_, w) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(v, w), k
+    # ... and labels inside the region do matter
+    inside_changed = labels.copy()
+    inside_changed[:, :16] = 1
+    c = finetune(tiny, image, inside_changed, region=region, steps=2, tile_size=TILE)
+    assert any(not torch.equal(v, w) for v, w in zip(a.model.state_dict().values(),
+                                                        c.model.state_dict().values()))
+
+
+def test_box_region_equals_mask_region():
+    m = region_mask((2, 5, 1, 3), (6, 6))
+    expected = np.zeros((6, 6), bool)
+    expected[2:5, 1:3] = True
+    np.testing.assert_array_equal(m, expected)
+    np.testing.assert_array_equal(region_mask(None, (2, 3)), np.ones((2, 3), bool))
+    with pytest.raises(ValueError, match="shape"):
+        region_mask(np.ones((3, 3), bool), (6, 6))
+
+
+def test_decoder_only_keeps_encoder_weights(tiny):
+    image, labels = toy_image()
+    res = finetune(tiny, image, labels, steps=3, lr=1e-2, train="decoder", tile_size=TILE)
+    prefixes = encoder_prefixes(tiny)
+    assert prefixes == ("encoder.", "bottleneck.")
+    old = tiny.state_dict()
+    changed_decoder = False
+    for k, v in res.model.state_dict().items():
+        if k.startswith(prefixes):
+            assert torch.equal(v, old[k]), f"encoder weight {k} changed"
+        elif not torch.equal(v, old[k]):
+            changed_decoder = True
+    assert changed_decoder
+    assert all(p.requires_grad for p in res.model.parameters())  # handed back ready for training
+
+
+@pytest.mark.parametrize("name", ["unet", "vnet", "r2unet", "resunetpp", "doubleunet", "multiresunet"])
+def test_encoder_prefixes_cover_some_but_not_all_parameters(name):
+    model = build_model(name, width=0.125)
+    prefixes = encoder_prefixes(model)
+    names = [n for n, _ in model.named_parameters()]
+    enc = [n for n in names if n.startswith(prefixes)]
+    assert 0 < len(enc) < len(names)
+    assert not any(n.startswith(("dca.", "head.")) for n in enc)
+
+
+def test_empty_or_background_only_corrections_raise(tiny):
+    image, labels = toy_image()
+    with pytest.raises(ValueError, match="no labelled object"):
+        finetune(tiny, image, np.zeros_like(labels), steps=1, tile_size=TILE)
+    empty_corner = (0, 3, 0, 3)  # a box with no object in it
+    assert not labels[:3, :3].any()
+    with pytest.raises(ValueError, match="no labelled object"):
+        finetune(tiny, image, labels, region=empty_corner, steps=1, tile_size=TILE)
+    with pytest.raises(ValueError, match="region is empty"):
+        finetune(tiny, image, labels, region=np.zeros(labels.shape, bool), steps=1, tile_size=TILE)
+    with pytest.raises(ValueError, match="match"):
+        finetune(tiny, image, labels[:10], steps=1, tile_size=TILE)
+
+
+def test_replay_tiles_join_the_batch_and_card_records_the_round(tiny):
+    from src_models.checkpoints import card_for
+    image, labels = toy_image()
+    replay = [toy_image(seed=s) for s in (1, 2)]
+    res = finetune(tiny, image, labels, region=(0, 64, 0, 32), steps=2, tile_size=TILE, replay=replay)
+    assert res.corrections["replay_images"] == 2
+    assert res.corrections["region"] == {"type": "box", "y0_y1_x0_x1": [0, 64, 0, 32]}
+    card = res.card(card_for(tiny, task="nuclei"), parent="nuclei")
+    assert card.parent == "nuclei"
+    assert card.corrections["rounds"][-1]["steps"] == 2
+    card2 = res.card(card, parent="nuclei-ft1")
+    assert len(card2.corrections["rounds"]) == 2
