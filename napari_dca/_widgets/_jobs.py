@@ -1,8 +1,8 @@
 """Long work off the GUI thread: a progress bar + Cancel button that runs one job at a time.
 
-A job is `fn(report)`, run in napari's `thread_worker`; `report(done, total, info=None)` moves the
-bar (and hands `info` to the widget, e.g. a loss value) and raises `Cancelled` once the user has
-pressed Cancel. The job's exceptions are caught in the worker and shown as a short message on the GUI
+A job is `fn(report, cancel)`, run in napari's `thread_worker`: `report(done, total, info=None)`
+moves the bar (and hands `info` to the widget, e.g. a loss value); `cancel` is a threading.Event set
+by the Cancel button, which the engine functions check between steps (`cancel=` argument). The job's exceptions are caught in the worker and shown as a short message on the GUI
 thread (napari would otherwise show a traceback). Results reach `on_result` on the GUI thread.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QHBoxLayout, QProgressBar, QPushButton, QWidget
 
 from ._common import UserError, show_error, show_info, worker_threads
-from ._engine import Cancelled
+from src_models.inference import Cancelled
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class JobPanel(QWidget):
         self.bar.setValue(done)
         self.bar.setFormat(f"%v / %m")
 
-    def run(self, fn: Callable[[Callable], Any], on_result: Callable[[Any], None],
+    def run(self, fn: Callable[[Callable, threading.Event], Any], on_result: Callable[[Any], None],
             what: str, hint: str = "") -> bool:
         """Starts `fn` in a worker unless one is running; False (and a message) if busy."""
         if self.worker is not None:
@@ -66,8 +66,6 @@ class JobPanel(QWidget):
         cancel = self._cancel
 
         def report(done: int, total: int, info: Any = None) -> None:
-            if cancel.is_set():
-                raise Cancelled()
             now = time.monotonic()
             # Throttle bar updates (the GUI thread only needs ~20 per second); always pass info.
             if done >= total or now - self._last_emit > 0.05:
@@ -81,7 +79,7 @@ class JobPanel(QWidget):
         def work():
             try:
                 with worker_threads():
-                    return ("ok", fn(report))
+                    return ("ok", fn(report, cancel))
             except Cancelled:
                 return ("cancelled", None)
             except Exception as err:  # shown as a message on the GUI thread, never a traceback

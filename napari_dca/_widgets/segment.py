@@ -13,7 +13,6 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
                             QSpinBox, QVBoxLayout, QWidget)
 from superqt import QLabeledDoubleSlider
 
-from . import _engine
 from ._common import (LayerCombo, UserError, check_image, find_owned_layer, layer_region,
                       owned_metadata, show_error)
 from ._jobs import JobPanel
@@ -28,8 +27,8 @@ class SegmentResult:
     source: str                  # image layer name
     task: str
     region: tuple[slice, slice]  # rows, cols of the image that were segmented
-    probabilities: np.ndarray    # (K, h, w)
-    maker: object                # instances maker over `probabilities`
+    probabilities: np.ndarray    # (h, w) from a 1-output model, (K, h, w) from a K-class one
+    maker: object                # src_models.instances.InstanceMaker over `probabilities`
     scale: np.ndarray            # layer scale / translate (last two axes) that align the region
     translate: np.ndarray
     threshold: float = 0.5
@@ -37,8 +36,13 @@ class SegmentResult:
     labels: np.ndarray | None = None
 
     def make_labels(self) -> np.ndarray:
-        self.labels = self.maker(self.threshold, self.min_size)
+        """Labels for the current threshold / min size from the cached probabilities (no model)."""
+        self.labels = self.maker.labels(threshold=self.threshold, min_size=self.min_size)
         return self.labels
+
+    @property
+    def foreground(self) -> np.ndarray:
+        return self.maker.foreground
 
 
 def put_layer(viewer, result: SegmentResult, role: str, data, kind: str, name: str, **kwargs):
@@ -60,9 +64,7 @@ def show_result(viewer, result: SegmentResult, probabilities: bool = True):
     it the viewer's current result. Returns the labels layer."""
     get_state(viewer).result = result
     if probabilities:
-        p = result.probabilities
-        fg = p[0] if p.shape[0] == 1 else 1.0 - p[0]
-        put_layer(viewer, result, "probabilities", fg, "image", name=f"{result.source} probability",
+        put_layer(viewer, result, "probabilities", result.foreground, "image", name=f"{result.source} probability",
                   colormap="magma", blending="additive", contrast_limits=(0.0, 1.0), opacity=0.6)
     labels = result.labels if result.labels is not None else result.make_labels()
     return put_layer(viewer, result, "instances", labels, "labels",
@@ -159,10 +161,15 @@ class SegmentWidget(QWidget):
         source = layer.name
         scale, translate = region_placement(layer, region)
 
-        def job(report):
-            probs = _engine.predict(model, card, data, device, progress=report,
-                                    region=region if visible else None)
-            return SegmentResult(source, task, region, probs, _engine.InstanceMaker(probs, task),
+        box = (region[0].start, region[0].stop, region[1].start, region[1].stop) if visible else None
+
+        def job(report, cancel):
+            from src_models.inference import predict
+            from src_models.instances import InstanceMaker
+
+            probs = predict(model, data, card, device=device, region=box, progress=report,
+                            cancel=cancel)
+            return SegmentResult(source, task, region, probs, InstanceMaker(probs, card, mode=task),
                                  scale, translate)
 
         self.jobs.run(job, self._show, "segmentation",
@@ -190,7 +197,7 @@ class SegmentWidget(QWidget):
     def _summarise(self, r: SegmentResult) -> None:
         n = int(np.count_nonzero(np.unique(r.labels)))
         what = "classes" if r.task == "semantic" else "objects"
-        h, w = r.probabilities.shape[1:]
+        h, w = r.probabilities.shape[-2:]
         self.summary.setText(f"{n} {what} in {h} x {w} px of '{r.source}' at threshold "
                              f"{r.threshold:.2f}, min size {r.min_size} px")
 

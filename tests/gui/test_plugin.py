@@ -95,11 +95,12 @@ def test_threshold_change_reuses_cached_probabilities(make_napari_viewer, tiny_c
     assert calls, "the model ran"
     n_calls = len(calls)
     layer = widget.labels_layer()
-    probs = widget.result.probabilities[0]
+    probs = widget.result.foreground
     before = layer.data.copy()
     # a threshold between the probability's quartiles changes the foreground for sure
     new = float(np.quantile(probs, 0.25 if (before > 0).mean() > 0.5 else 0.75))
     widget.threshold.setValue(new)
     qtbot.waitUntil(lambda: not np.array_equal(layer.data, before), timeout=5000)
     assert len(calls) == n_calls, "no model run for a threshold change"
-    assert np.array_equal(layer.data > 0, probs > widget.threshold.value())
+    # every pixel above the new threshold is in an object (hole filling may add a few more)
+    assert np.all(layer.data[probs >= widget.threshold.value()] > 0)
