@@ -1,0 +1,71 @@
+"""`napari-dca`: command-line tools over the src_models engine.
+
+Each subcommand is a module with `add_parser(subparsers)` (registers its argparse parser) and
+`run(args) -> int` (does the work, returns the exit code). To add one, write the module and list
+it in SUBCOMMANDS; modules that are not present in this installation are skipped. Parsers import
+nothing heavy (no torch) so `napari-dca --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from typing import Sequence
+
+SUBCOMMANDS: list[str] = [
+    "napari_dca._cli_segment",    # segment  (inference)
+    "napari_dca._cli_train",      # train    (lead)
+    "napari_dca._cli_evaluate",   # evaluate (metrics)
+    "napari_dca.launch",          # launch   (plugin; optional)
+]
+
+
+def _available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def subcommand_modules() -> list:
+    """The SUBCOMMANDS modules present in this installation that expose add_parser and run."""
+    modules = []
+    for name in SUBCOMMANDS:
+        if not _available(name):
+            continue
+        module = importlib.import_module(name)
+        if hasattr(module, "add_parser") and hasattr(module, "run"):
+            modules.append(module)
+    return modules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(
+        prog="napari-dca",
+        description="Dual Cross-Attention U-Nets for H&E segmentation: command-line tools. "
+                    "Run `napari-dca <command> --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"napari-dca {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
+    for module in subcommand_modules():
+        sub = module.add_parser(subparsers)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
