@@ -265,3 +265,81 @@ def test_sparse_overlaps_agree_with_dense_contingency():
     assert np.count_nonzero(dense[1:, 1:]) == ov.gi.size
     np.testing.assert_array_equal(dense[1:].sum(1), ov.area_gt)
     np.testing.assert_array_equal(dense[:, 1:].sum(0), ov.area_pred)
+
+
+# ----------------------------------------------------------------------------- evaluation tables
+def test_score_pairs_table_and_json(tmp_path):
+    import json
+    from src_models.evaluate import score_pairs
+    z = np.zeros_like(GLAS_GT)
+    report = score_pairs([("a", GLAS_GT, GLAS_PRED), ("b", GLAS_GT, z)], task="glands")
+    assert [r["name"] for r in report.rows] == ["a", "b"]
+    assert report.rows[0]["objects_gt"] == 2 and report.rows[0]["objects_pred"] == 3
+    # mean F1 = (0.4 + 0)/2; Hausdorff: image b has no prediction -> inf, finite-only mean 4.95
+    assert report.overall["object_f1"] == pytest.approx(0.2)
+    assert report.overall["object_hausdorff"] == math.inf
+    assert report.overall_finite["object_hausdorff"] == pytest.approx(4.95)
+    md, js = report.write(tmp_path / "out")
+    text = md.read_text()
+    assert "| a | 2 | 3 |" in text and "**mean**" in text and "0.4000" in text and "inf" in text
+    data = json.loads(js.read_text())  # strict JSON: inf became null
+    assert data["overall"]["object_hausdorff"] is None
+    assert data["overall_finite_only"]["object_hausdorff"] == pytest.approx(4.95)
+    assert data["per_image"][0]["object_f1"] == pytest.approx(0.4)
+
+
+def _write_folder(root, n=2, size=48):
+    import imageio.v3 as iio
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        mask = np.zeros((size, size), np.uint8)
+        mask[5:15, 5:15] = 1
+        mask[25:40, 20:30] = 2
+        img = np.where(mask[..., None] > 0, 80, 220).astype(np.uint8) + rng.integers(0, 10, (size, size, 3), dtype=np.uint8)
+        iio.imwrite(root / "images" / f"img{i}.png", img)
+        iio.imwrite(root / "masks" / f"img{i}.png", mask)
+
+
+def test_cli_evaluate_scores_existing_predictions(tmp_path):
+    import json
+    from napari_dca.cli import main
+    _write_folder(tmp_path / "data")
+    # predictions = the masks themselves -> perfect scores
+    rc = main(["evaluate", "--predictions", str(tmp_path / "data" / "masks"),
+               "--masks", str(tmp_path / "data" / "masks"), "--task", "all", "-o", str(tmp_path / "r.md")])
+    assert rc == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["images"] == 2
+    assert data["overall"]["dice"] == 1.0 and data["overall"]["aji"] == 1.0
+    assert data["overall"]["object_f1"] == 1.0 and data["overall"]["object_hausdorff"] == 0.0
+
+
+def test_cli_evaluate_runs_a_checkpoint_on_a_split(tmp_path, capsys):
+    import json
+    import torch
+    from napari_dca.cli import main
+    from src_models import build_model
+    from src_models.checkpoints import card_for, save_checkpoint
+    torch.set_num_threads(1)
+    _write_folder(tmp_path / "data", n=3)
+    model = build_model("unet", width=0.125)
+    ckpt = save_checkpoint(model, tmp_path / "tiny.safetensors",
+                           card_for(model, task="nuclei", tile_size=32,
+                                    data_split={"validation": ["img1"], "train": ["img0", "img2"]}))
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "-c", str(ckpt), "--images", str(tmp_path / "data" / "images"),
+               "--masks", str(tmp_path / "data" / "masks"), "--split", "val", "-o", str(out),
+               "--device", "cpu"])
+    assert rc == 0
+    data = json.loads((out / "evaluation.json").read_text())
+    assert [r["name"] for r in data["per_image"]] == ["img1"]  # the card's validation split
+    assert set(data["metrics"]) == set(M.NUCLEI_METRICS)
+    assert (out / "evaluation.md").read_text().startswith("| image |")
+    # names missing from the folders are an error, not a smaller test set
+    names = tmp_path / "names.txt"
+    names.write_text("img0\nnope\n")
+    rc = main(["evaluate", "-c", str(ckpt), "--images", str(tmp_path / "data" / "images"),
+               "--masks", str(tmp_path / "data" / "masks"), "--names", str(names), "-o", str(out)])
+    assert rc == 2 and "nope" in capsys.readouterr().err
