@@ -1,0 +1,77 @@
+"""Fine-tune widget: runs in a worker with progress, can be cancelled, revert restores the outputs."""
+import torch  # noqa: F401  (before Qt)
+
+import numpy as np
+import pytest
+
+from conftest import errors
+
+pytestmark = pytest.mark.gui
+
+
+def _setup(make_napari_viewer, checkpoint, image, wait_for):
+    from napari_dca._widgets._state import get_state, load_model_into
+    from napari_dca._widgets.finetune import FinetuneWidget
+    from napari_dca._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="he")
+    load_model_into(get_state(viewer), checkpoint)
+    seg = SegmentWidget(viewer)
+    seg.run()
+    wait_for(seg)
+    output = seg.labels_layer()
+    # the "pathologist" corrects: two square objects in the top-left corner
+    corrected = np.zeros(image.shape[:2], np.int32)
+    corrected[10:30, 10:30] = 1
+    corrected[40:60, 50:70] = 2
+    user = viewer.add_labels(corrected, name="my corrections")
+    ft = FinetuneWidget(viewer)
+    ft.image.select("he")
+    ft.labels.select("my corrections")
+    ft.steps.setValue(3)
+    return viewer, seg, ft, output, user
+
+
+def test_finetune_runs_in_a_worker_reports_progress_and_reverts(
+        make_napari_viewer, tiny_checkpoint, small_image, wait_for, messages, qtbot, tmp_path):
+    viewer, seg, ft, output, user = _setup(make_napari_viewer, tiny_checkpoint, small_image, wait_for)
+    state = seg.state
+    old_model, old_labels = state.model, output.data.copy()
+    user_before = user.data.copy()
+    progress = []
+    ft.jobs.progressed.connect(lambda done, total: progress.append((done, total)))
+    ft.run()
+    assert ft.jobs.busy and ft.jobs.worker is not None  # off the GUI thread
+    wait_for(ft)
+    assert not errors(messages), messages
+    assert progress and progress[-1][0] == progress[-1][1]
+    assert len(ft.plot.values) == 3
+    assert state.model is not old_model and ft.round is not None
+    assert np.array_equal(user.data, user_before), "the user's labels are never written to"
+    # outputs updated in place (same layer), and a changes layer shows the difference
+    assert seg.labels_layer() is output
+    assert any(layer.name.startswith("he changes") for layer in viewer.layers)
+    # save with parent + corrections
+    path = ft.save(tmp_path / "tuned.safetensors")
+    from src_models.checkpoints import load_checkpoint
+    _, card = load_checkpoint(path)
+    assert card.parent and card.corrections
+    # revert: old weights, old outputs
+    ft.revert()
+    assert state.model is old_model
+    assert np.array_equal(output.data, old_labels)
+    assert not any(layer.name.startswith("he changes") for layer in viewer.layers)
+
+
+def test_finetune_can_be_cancelled(make_napari_viewer, tiny_checkpoint, small_image, wait_for,
+                                   messages, qtbot):
+    viewer, seg, ft, output, user = _setup(make_napari_viewer, tiny_checkpoint, small_image, wait_for)
+    ft.steps.setValue(2000)
+    ft.run()
+    qtbot.waitUntil(lambda: len(ft.plot.values) >= 1, timeout=30000)
+    ft.jobs.cancel()
+    wait_for(ft)
+    assert not errors(messages), messages
+    assert ft.round is not None and ft.round.stopped == "cancelled"
+    assert len(ft.round.losses) < 2000
