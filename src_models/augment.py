@@ -64,12 +64,15 @@ def geometric(image: np.ndarray, mask: np.ndarray, cfg: AugmentConfig, rng: np.r
 
 
 def hed_jitter(image01: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Scale and shift each stain's optical density by N(1, sigma) / N(0, sigma)."""
-    from skimage.color import hed2rgb, rgb2hed
-    hed = rgb2hed(np.clip(image01, 1e-6, 1.0))
-    alpha = rng.normal(1.0, sigma, 3)
-    beta = rng.normal(0.0, sigma, 3)
-    return np.clip(hed2rgb(hed * alpha + beta), 0.0, 1.0).astype(np.float32)
+    """Scale and shift each stain's optical density by N(1, sigma) / N(0, sigma).
+
+    Done in optical-density space with skimage's H&E-DAB matrix, without clipping the stain
+    concentrations (skimage's rgb2hed clips negatives, so its round trip is not the identity)."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+    od = -np.log(np.clip(image01, 1e-6, 1.0))
+    stains = od @ hed_from_rgb
+    stains = stains * rng.normal(1.0, sigma, 3) + rng.normal(0.0, sigma, 3)
+    return np.clip(np.exp(-(stains @ rgb_from_hed)), 0.0, 1.0).astype(np.float32)
 
 
 def colour(image01: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:

@@ -272,7 +272,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             opt.step()
         sched.step()
         step += 1
-        history.append(float(loss))
+        history.append(loss.item())
         if step % cfg.val_every == 0 or step == cfg.steps:
             last_val = validate(model, val_samples, cfg, device) | {"step": step}
             if last_val["dice_native"] > best:
@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}",
                         val_dice=f"{last_val.get('dice_native', float('nan')):.3f}")
         if progress is not None:
-            progress({"step": step, "steps": cfg.steps, "loss": float(loss), "validation": last_val})
+            progress({"step": step, "steps": cfg.steps, "loss": history[-1], "validation": last_val})
     bar.close()
     if best < 0:  # stopped before the first validation: validate and keep what we have
         best_metrics = validate(model, val_samples, cfg, device) | {"step": step}
