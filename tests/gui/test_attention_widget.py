@@ -1,0 +1,67 @@
+"""Attention widget: overlays line up with the image, whatever its size or scale."""
+import torch  # noqa: F401  (before Qt)
+
+import numpy as np
+import pytest
+
+from conftest import errors
+
+pytestmark = pytest.mark.gui
+
+
+def _viewer_with_model(make_napari_viewer, checkpoint, image, **image_kwargs):
+    from napari_dca._widgets._state import get_state, load_model_into
+    from napari_dca._widgets.attention import AttentionWidget
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(image, name="he", **image_kwargs)
+    load_model_into(get_state(viewer), checkpoint)
+    return viewer, layer, AttentionWidget(viewer)
+
+
+def _extent(layer):
+    """World bounding box (corners of the pixels) of a 2D layer."""
+    lo, hi = np.asarray(layer.extent.world)
+    step = np.asarray(layer.extent.step)
+    return lo - step / 2, hi + step / 2
+
+
+@pytest.mark.parametrize("scale", [(1.0, 1.0), (0.5, 0.25)])
+def test_attention_layers_have_the_image_extent(make_napari_viewer, tiny_checkpoint, small_image,
+                                                wait_for, messages, scale):
+    viewer, image, widget = _viewer_with_model(make_napari_viewer, tiny_checkpoint, small_image,
+                                               scale=scale, translate=(10, -5))
+    widget.visible_only.setChecked(True)  # the whole (small) image is visible
+    widget.run(query=(40.0, 70.0))
+    wait_for(widget)
+    assert not errors(messages), messages
+    for kind in ("query", "received", "channels"):
+        widget.kind.setCurrentIndex(widget.kind.findData(kind))
+        for stage in range(widget.stage.count()):
+            widget.stage.setCurrentIndex(stage)
+            att = [layer for layer in viewer.layers if layer.name == "he attention"]
+            assert len(att) == 1  # updated in place, never duplicated
+            lo, hi = _extent(att[0])
+            ilo, ihi = _extent(image)
+            np.testing.assert_allclose(lo, ilo, atol=1e-6)
+            np.testing.assert_allclose(hi, ihi, atol=1e-6)
+            assert att[0].blending == "additive"
+
+
+def test_clicked_point_sets_the_query_on_the_tile_around_it(make_napari_viewer, tiny_checkpoint,
+                                                            wait_for, messages):
+    from napari_dca._sample_data import nuclei_sample
+
+    big = nuclei_sample()[0][0]  # 512 x 512: several 64-pixel tiles
+    viewer, image, widget = _viewer_with_model(make_napari_viewer, tiny_checkpoint, big)
+    widget.query_at_world(np.array([300.0, 200.0]))
+    wait_for(widget)
+    assert not errors(messages), messages
+    m = widget.maps
+    assert m.query == (300, 200) and m.tiles == 1
+    y0, y1, x0, x1 = m.region
+    assert y1 - y0 == 64 and x1 - x0 == 64 and y0 <= 300 < y1 and x0 <= 200 < x1
+    query_map = m.stages[0].query_map
+    assert query_map.sum() == pytest.approx(1.0, rel=1e-4)
+    points = [layer for layer in viewer.layers if layer.name == "he attention query"]
+    assert len(points) == 1 and np.allclose(points[0].data, [[300, 200]])
