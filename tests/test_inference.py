@@ -313,7 +313,8 @@ def test_out_of_memory_halves_the_batch_and_continues():
 
 
 def test_out_of_memory_at_batch_one_moves_to_cpu(monkeypatch):
-    runner = ModelRunner(CountingBatches(limit=0), torch.device("cpu"), max_batch=1, fuse=False)
+    runner = ModelRunner(CountingBatches(limit=0), torch.device("cpu"), max_batch=1, fuse=False,
+                         precision="float32")
     runner.device = torch.device("cuda")  # pretend the model lives on a GPU that is full
     moved = []
 
