@@ -344,3 +344,14 @@ def test_autocast_choice_per_device():
     with inference._autocast(torch.device("cpu"), "bfloat16"):
         assert torch.is_autocast_cpu_enabled() or torch.is_autocast_enabled("cpu")
 
+
+
+def test_big_tiffs_open_lazily_and_segment_like_numpy(tmp_path):
+    import tifffile
+    from src_models.image_io import read_image
+    img = rgb(130, 150)
+    tifffile.imwrite(tmp_path / "big.tif", img, tile=(32, 32))
+    lazy = read_image(tmp_path / "big.tif", lazy=True)
+    assert not isinstance(lazy, np.ndarray) and lazy.shape == img.shape
+    np.testing.assert_allclose(predict(Pointwise(), lazy, tile_size=48),
+                               predict(Pointwise(), img, tile_size=48), atol=1e-6)

@@ -1,0 +1,99 @@
+"""`napari-dca` command line: help texts, subcommand plumbing, segment end to end with a tiny model."""
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_dca import cli
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from src_models import build_model
+    from src_models.checkpoints import card_for, save_checkpoint
+    torch.manual_seed(0)
+    model = build_model("unet", width=0.125)
+    card = card_for(model, task="nuclei", tile_size=64, instance_params={"min_size": 1})
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", card)
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    import imageio.v3 as iio
+    iio.imwrite(folder / "a.png", rng.integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    tifffile.imwrite(folder / "b.tif", rng.integers(0, 256, (50, 60), dtype=np.uint16))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_help_lists_segment_and_each_subcommand_has_complete_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "segment" in text
+    import argparse
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        assert parser.description, f"`napari-dca {name} --help` has no description"
+    with pytest.raises(SystemExit):
+        cli.main(["segment", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--checkpoint", "--device", "--tile", "--overlap", "--tta", "--save-prob",
+                   "--threshold", "--min-size", "OUTDIR"):
+        assert option in text
+
+
+def test_subcommands_plug_in_from_the_list(monkeypatch):
+    import types
+    import sys
+    mod = types.ModuleType("napari_dca._cli_hello")
+    mod.add_parser = lambda sub: sub.add_parser("hello", help="say hello")
+    mod.run = lambda args: 7
+    monkeypatch.setitem(sys.modules, "napari_dca._cli_hello", mod)
+    monkeypatch.setattr(cli, "_available", lambda name: name in sys.modules or
+                        name == "napari_dca._cli_segment")
+    monkeypatch.setattr(cli, "SUBCOMMANDS", ["napari_dca._cli_segment", "napari_dca._cli_hello",
+                                             "napari_dca._cli_missing"])
+    assert cli.main(["hello"]) == 7
+    assert cli.main([]) == 2
+
+
+def test_segment_writes_labels_and_probabilities(tiny_checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["segment", str(images), "-o", str(out), "--checkpoint", str(tiny_checkpoint),
+                     "--device", "cpu", "--save-prob", "--quiet", "--threshold", "0.5"])
+    assert code == 0
+    a = tifffile.imread(out / "a.tif")
+    b = tifffile.imread(out / "b.tif")
+    assert a.shape == (70, 90) and b.shape == (50, 60)
+    assert np.issubdtype(a.dtype, np.unsignedinteger)
+    prob = tifffile.imread(out / "a_prob.tif")
+    assert prob.shape == (70, 90) and prob.dtype == np.float32
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
+    assert len(lines) == 2 and all(" s -> " in l and "object" in l for l in lines)
+
+
+def test_segment_reports_missing_inputs_and_checkpoints(tiny_checkpoint, tmp_path, capsys):
+    assert cli.main(["segment", str(tmp_path / "nope.png"), "-o", str(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    img = tmp_path / "x.png"
+    import imageio.v3 as iio
+    iio.imwrite(img, np.zeros((20, 20, 3), np.uint8))
+    assert cli.main(["segment", str(img), "-o", str(tmp_path / "o"), "-c",
+                     str(tmp_path / "missing.safetensors")]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def test_segment_never_overwrites_its_input(tiny_checkpoint, tmp_path, capsys):
+    src = tmp_path / "c.tif"
+    tifffile.imwrite(src, np.zeros((20, 20, 3), np.uint8))
+    assert cli.main(["segment", str(src), "-o", str(tmp_path), "-c", str(tiny_checkpoint),
+                     "--quiet"]) == 1
+    assert "overwrite" in capsys.readouterr().err
+    assert tifffile.imread(src).shape == (20, 20, 3)
