@@ -2,31 +2,20 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import QComboBox
 
-__all__ = ["show_error", "show_info", "show_warning", "UserError", "image_layers", "find_owned_layer",
-           "available_devices", "resolve_device", "check_image", "worker_threads", "layer_region"]
+__all__ = ["show_error", "show_info", "show_warning", "UserError", "find_owned_layer", "LayerCombo",
+           "owned_metadata", "available_devices", "resolve_device", "check_image", "check_channels",
+           "worker_threads", "layer_region"]
 
 OWNER_KEY = "napari_dca"  # layer.metadata[OWNER_KEY] = {"role": ..., "source": ...} marks our layers
 
 
 class UserError(ValueError):
     """Bad input the user can fix; its message says what to do next."""
-
-
-def image_layers(viewer) -> list:
-    from napari.layers import Image
-    return [layer for layer in viewer.layers if isinstance(layer, Image)
-            and not layer.metadata.get(OWNER_KEY)]
-
-
-def labels_layers(viewer) -> list:
-    from napari.layers import Labels
-    return [layer for layer in viewer.layers if isinstance(layer, Labels)]
 
 
 def find_owned_layer(viewer, role: str, source: str):
@@ -60,6 +49,20 @@ def check_image(layer) -> np.ndarray:
     if rgb and data.shape[-1] not in (3, 4):
         raise UserError(f"'{layer.name}' has {data.shape[-1]} colour channels; expected RGB or RGBA.")
     return data
+
+
+def check_channels(layer, data, model, card) -> None:
+    """UserError when the model cannot take this image's channels (e.g. a 4-channel checkpoint and
+    an RGB image). Grayscale goes into RGB models and RGB into grayscale ones (averaged)."""
+    config = getattr(model, "config", None) or {}
+    wanted = int(getattr(card, "in_channels", None) or config.get("in_channels", 3))
+    rgb = bool(getattr(layer, "rgb", False))
+    have = (3 if data.shape[-1] == 4 else data.shape[-1]) if rgb else 1
+    if have == wanted or have == 1 or wanted == 1:
+        return
+    raise UserError(f"The current model takes {wanted}-channel images but '{layer.name}' has {have} "
+                    f"channels. Load a checkpoint made for {'RGB H&E' if have == 3 else f'{have}-channel'} "
+                    f"images in the Model widget (e.g. the bundled 'nuclei' or 'glands').")
 
 
 def layer_region(layer, shape: tuple[int, int]) -> tuple[slice, slice]:
@@ -111,12 +114,6 @@ class worker_threads:
         import torch
         torch.set_num_threads(self._old)
         return False
-
-
-def first(items: Iterable, default=None):
-    for item in items:
-        return item
-    return default
 
 
 class LayerCombo(QComboBox):

@@ -15,12 +15,11 @@ import weakref
 import napari
 import numpy as np
 from napari.layers import Image
-from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QPushButton, QSizePolicy,
                             QVBoxLayout, QWidget)
 
-from ._common import (OWNER_KEY, LayerCombo, UserError, check_image, find_owned_layer, layer_region,
-                      owned_metadata, show_error)
+from ._common import (OWNER_KEY, LayerCombo, UserError, check_channels, check_image, find_owned_layer,
+                      layer_region, owned_metadata, show_error)
 from ._jobs import JobPanel
 from ._state import get_state
 
@@ -224,6 +223,7 @@ class AttentionWidget(QWidget):
             if not _has_dca(model):
                 raise UserError("This model has no DCA module, so it has no attention to show: load a "
                                 "checkpoint built with DCA, or a new model with 'DCA' ticked.")
+            check_channels(layer, data, self.state.model, self.state.card)
         except UserError as err:
             show_error(str(err))
             return

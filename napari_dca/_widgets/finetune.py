@@ -13,7 +13,7 @@ from napari.layers import Image, Labels, Shapes
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
                             QLabel, QPushButton, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
 
-from ._common import (OWNER_KEY, LayerCombo, UserError, check_image, find_owned_layer,
+from ._common import (OWNER_KEY, LayerCombo, UserError, check_channels, check_image, find_owned_layer,
                       owned_metadata, show_error, show_info)
 from ._jobs import JobPanel
 from ._state import add_recent_checkpoint, get_state
@@ -182,6 +182,7 @@ class FinetuneWidget(QWidget):
                                 "the labels with napari's paint/erase tools, then fine-tune.")
             if self.state.model is None:
                 raise UserError("No model: load one in the Model widget first.")
+            check_channels(image_layer, data, self.state.model, self.state.card)
             shape = data.shape[:2]
             labels, valid = corrections_on_image(image_layer, labels_layer, self.region.layer(), shape)
             if not valid.any():

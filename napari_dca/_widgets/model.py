@@ -5,12 +5,12 @@ import html
 from pathlib import Path
 
 import napari
-from napari.qt.threading import thread_worker
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
                             QPushButton, QVBoxLayout, QWidget)
 
 from ._common import available_devices, resolve_device, show_error, show_info
+from ._jobs import JobPanel
 from ._state import add_recent_checkpoint, get_state, recent_checkpoints
 
 NEW_MODEL = "__new__"
@@ -23,7 +23,6 @@ class ModelWidget(QWidget):
         super().__init__(parent)
         self.viewer = viewer
         self.state = get_state(viewer)
-        self.worker = None
 
         self.checkpoint = QComboBox()
         self.checkpoint.setToolTip("Bundled defaults, recently opened files, or a new untrained model")
@@ -49,6 +48,7 @@ class ModelWidget(QWidget):
             self.device.addItem(label, dev)
 
         self.load_button = QPushButton("Load model")
+        self.jobs = JobPanel()
         self.card = QLabel("No model loaded.")
         self.card.setWordWrap(True)
         self.card.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -62,6 +62,7 @@ class ModelWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.load_button)
+        layout.addWidget(self.jobs)
         layout.addWidget(self.card)
         layout.addStretch(1)
 
@@ -119,7 +120,7 @@ class ModelWidget(QWidget):
             self.load()
 
     def _on_device(self, *_):
-        if self.state.model is not None and self.worker is None:
+        if self.state.model is not None and not self.jobs.busy:
             self.load()  # move the current model; reloading keeps the same weights source
 
     def device_choice(self) -> str:
@@ -128,7 +129,7 @@ class ModelWidget(QWidget):
     # --- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
         """Loads the chosen checkpoint (or builds a new model) in a worker; sets the shared state."""
-        if self.worker is not None:
+        if self.jobs.busy:
             return
         choice = self.checkpoint.currentData()
         device = self.device_choice()
@@ -143,8 +144,7 @@ class ModelWidget(QWidget):
             self._finish((current.model.to(device), current.card, current.checkpoint, device))
             return
 
-        @thread_worker
-        def work():
+        def job(report, cancel):
             if choice == NEW_MODEL:
                 from src_models import build_model
                 from src_models.checkpoints import card_for
@@ -156,13 +156,9 @@ class ModelWidget(QWidget):
             model, card = load_checkpoint(choice, device=device)
             return model, card, str(choice), device
 
-        self.load_button.setEnabled(False)
-        self.load_button.setText("Loading…")
-        self.worker = work()
-        self.worker.returned.connect(self._finish)
-        self.worker.errored.connect(self._failed)
-        self.worker.finished.connect(self._done)
-        self.worker.start()
+        self.jobs.run(job, self._finish, "loading the model",
+                      hint="Choose a napari-dca .safetensors checkpoint, a bundled default, or a new "
+                           "untrained model.")
 
     def _finish(self, result) -> None:
         model, card, source, device = result
@@ -173,15 +169,6 @@ class ModelWidget(QWidget):
             add_recent_checkpoint(source)
         show_info(f"napari-dca: {card.architecture}{' + DCA' if _has_dca(model) else ''} ready on "
                   f"{device}.")
-
-    def _failed(self, err) -> None:
-        show_error(f"Could not load the model: {err}. Choose a napari-dca .safetensors checkpoint, a "
-                   f"bundled default, or a new untrained model.")
-
-    def _done(self) -> None:
-        self.worker = None
-        self.load_button.setEnabled(True)
-        self.load_button.setText("Load model")
 
     # --- card ------------------------------------------------------------------------------------
     def _show_card(self, *_):

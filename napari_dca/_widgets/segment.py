@@ -9,12 +9,12 @@ import napari
 import numpy as np
 from napari.layers import Image
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QPushButton,
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QPushButton,
                             QSpinBox, QVBoxLayout, QWidget)
 from superqt import QLabeledDoubleSlider
 
-from ._common import (LayerCombo, UserError, check_image, find_owned_layer, layer_region,
-                      owned_metadata, show_error)
+from ._common import (LayerCombo, UserError, check_channels, check_image, find_owned_layer,
+                      layer_region, owned_metadata, show_error)
 from ._jobs import JobPanel
 from ._state import get_state
 
@@ -150,6 +150,7 @@ class SegmentWidget(QWidget):
             if self.state.model is None:
                 raise UserError("No model: choose one in the Model widget (Plugins > DCA segmentation "
                                 "> Model) and press 'Load model'.")
+            check_channels(layer, data, self.state.model, self.state.card)
         except UserError as err:
             show_error(str(err))
             return

@@ -16,7 +16,7 @@ def test_manifest_validates_and_is_discovered():
     manifest.validate_imports()  # every command's python_name imports
     pm = PluginManager()
     pm.discover()
-    assert "napari-dca" in pm.iter_manifests.__self__._manifests if False else pm.get_manifest("napari-dca")
+    assert pm.get_manifest("napari-dca").name == "napari-dca"
     keys = {s.key for s in manifest.contributions.sample_data}
     assert keys == {"glands", "nuclei"}
     assert len(manifest.contributions.widgets) == 4
@@ -47,7 +47,7 @@ def test_sample_data_carries_licence(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-dca", "nuclei")
     viewer.open_sample("napari-dca", "glands")
-    images = [layer for layer in viewer.layers if layer.rgb]
+    images = [layer for layer in viewer.layers if getattr(layer, "rgb", False)]
     assert len(images) == 2
     assert all("licence" in layer.metadata and "citation" in layer.metadata for layer in images)
 
@@ -104,3 +104,80 @@ def test_threshold_change_reuses_cached_probabilities(make_napari_viewer, tiny_c
     assert len(calls) == n_calls, "no model run for a threshold change"
     # every pixel above the new threshold is in an object (hole filling may add a few more)
     assert np.all(layer.data[probs >= widget.threshold.value()] > 0)
+
+
+def test_launch_docks_widgets_opens_the_sample_and_selects_the_checkpoint(
+        make_napari_viewer, tiny_checkpoint, wait_for, messages):
+    from napari_dca.launch import open_viewer
+
+    viewer = make_napari_viewer()
+    viewer, widgets = open_viewer(str(tiny_checkpoint), "nuclei", "cpu", viewer=viewer)
+    assert set(widgets) == {"Model", "Segment", "Fine-tune", "Attention"}
+    assert any(layer.name.startswith("H&E nuclei") for layer in viewer.layers)
+    wait_for(widgets["Model"])
+    state = widgets["Model"].state
+    assert state.model is not None and state.checkpoint == str(tiny_checkpoint)
+    assert widgets["Segment"].image.currentText().startswith("H&E nuclei")
+
+
+def test_dropping_a_checkpoint_loads_it_as_the_current_model(make_napari_viewer, tiny_checkpoint,
+                                                             messages):
+    from napari_dca._widgets._state import get_state
+    from napari_dca._widgets.model import ModelWidget
+
+    viewer = make_napari_viewer()
+    model_widget = ModelWidget(viewer)
+    layers = viewer.open(str(tiny_checkpoint), plugin="napari-dca")
+    assert layers == []  # the reader adds no layer
+    state = get_state(viewer)
+    assert state.model is not None and state.card.task == "nuclei"
+    assert "unet" in model_widget.card.text()
+
+
+def test_bad_input_shows_a_message_never_a_traceback(make_napari_viewer, tiny_checkpoint,
+                                                     four_channel_checkpoint, small_image,
+                                                     wait_for, messages, tmp_path):
+    from napari_dca._widgets._state import get_state, load_model_into
+    from napari_dca._widgets.attention import AttentionWidget
+    from napari_dca._widgets.finetune import FinetuneWidget
+    from napari_dca._widgets.model import ModelWidget
+    from napari_dca._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    seg, ft, att = SegmentWidget(viewer), FinetuneWidget(viewer), AttentionWidget(viewer)
+    # no image layer
+    for widget in (seg, ft, att):
+        messages.clear()
+        widget.run()
+        assert errors(messages) and "image" in errors(messages)[0].lower()
+    # no model
+    viewer.add_image(small_image, name="he")
+    messages.clear()
+    seg.run()
+    assert "Model widget" in errors(messages)[0]
+    # a 3D RGB stack
+    load_model_into(get_state(viewer), tiny_checkpoint)
+    viewer.add_image(np.zeros((3, 64, 64, 3), np.uint8), name="stack", rgb=True)
+    for widget in (seg, ft, att):
+        messages.clear()
+        widget.image.select("stack")
+        widget.run()
+        assert errors(messages) and "2D" in errors(messages)[0]
+        assert "Traceback" not in errors(messages)[0]
+    # a checkpoint for another number of channels (4) on an RGB image: fails in the worker
+    load_model_into(get_state(viewer), four_channel_checkpoint)
+    seg.image.select("he")
+    messages.clear()
+    seg.run()
+    wait_for(seg)
+    assert errors(messages) and "channels" in errors(messages)[0]
+    assert "Traceback" not in errors(messages)[0]
+    # a file that is not a checkpoint, in the Model widget
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    model_widget = ModelWidget(viewer)
+    model_widget.select_checkpoint(str(bad))
+    messages.clear()
+    model_widget.load()
+    wait_for(model_widget)
+    assert errors(messages) and "bad.safetensors" in errors(messages)[0]
