@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import napari
 import numpy as np
 from napari.layers import Image
+from napari.qt.threading import thread_worker
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QPushButton,
                             QSpinBox, QVBoxLayout, QWidget)
@@ -119,6 +120,8 @@ class SegmentWidget(QWidget):
         layout.addWidget(self.summary)
         layout.addStretch(1)
 
+        self._relabel_worker = None
+        self._relabel_again = False
         self._relabel_timer = QTimer(self)
         self._relabel_timer.setSingleShot(True)
         self._relabel_timer.setInterval(40)  # coalesce slider drags
@@ -163,6 +166,7 @@ class SegmentWidget(QWidget):
         scale, translate = region_placement(layer, region)
 
         box = (region[0].start, region[0].stop, region[1].start, region[1].stop) if visible else None
+        threshold, min_size = self.threshold.value(), self.min_size.value()
 
         def job(report, cancel):
             from src_models.inference import predict
@@ -170,14 +174,19 @@ class SegmentWidget(QWidget):
 
             probs = predict(model, data, card, device=device, region=box, progress=report,
                             cancel=cancel)
-            return SegmentResult(source, task, region, probs, InstanceMaker(probs, card, mode=task),
-                                 scale, translate)
+            result = SegmentResult(source, task, region, probs, InstanceMaker(probs, card, mode=task),
+                                   scale, translate, threshold=threshold, min_size=min_size)
+            result.make_labels()  # the first labels here, off the GUI thread (watershed can be slow)
+            _ = result.foreground
+            return result
 
         self.jobs.run(job, self._show, "segmentation",
                       hint="Check that the image is an H&E RGB (or grayscale) image the model fits.")
 
     def _show(self, result: SegmentResult) -> None:
-        result.threshold, result.min_size = self.threshold.value(), self.min_size.value()
+        if (result.threshold, result.min_size) != (self.threshold.value(), self.min_size.value()):
+            result.threshold, result.min_size = self.threshold.value(), self.min_size.value()
+            result.labels = None  # moved while it ran: re-derive
         show_result(self.viewer, result, self.show_probabilities.isChecked())
         self._summarise(result)
 
@@ -186,14 +195,50 @@ class SegmentWidget(QWidget):
         return self.state.result
 
     def relabel(self) -> None:
-        """New labels from the cached probabilities (threshold, min size); no model run."""
+        """New labels from the cached probabilities (threshold, min size); no model run.
+
+        Derived in a background thread (a nuclei watershed takes ~0.1 s per megapixel); while one
+        is running, only the latest slider position waits."""
         r = self.state.result
         if r is None:
             return
-        r.threshold, r.min_size = self.threshold.value(), self.min_size.value()
-        put_layer(self.viewer, r, "instances", r.make_labels(), "labels",
-                  name=f"{r.source} {r.task}", opacity=0.5)
-        self._summarise(r)
+        if self._relabel_worker is not None:
+            self._relabel_again = True
+            return
+        threshold, min_size = self.threshold.value(), self.min_size.value()
+
+        @thread_worker
+        def work():
+            try:
+                return r.maker.labels(threshold=threshold, min_size=min_size)
+            except Exception as err:  # shown as a message, never a traceback
+                return err
+
+        def done(labels):
+            if isinstance(labels, Exception):
+                show_error(f"Could not make labels: {labels}.")
+                return
+            if self.state.result is not r:
+                return  # a newer segmentation replaced it meanwhile
+            r.threshold, r.min_size, r.labels = threshold, min_size, labels
+            put_layer(self.viewer, r, "instances", labels, "labels", name=f"{r.source} {r.task}",
+                      opacity=0.5)
+            self._summarise(r)
+
+        def finished():
+            self._relabel_worker = None
+            if self._relabel_again:
+                self._relabel_again = False
+                self.relabel()
+
+        self._relabel_worker = work()
+        self._relabel_worker.returned.connect(done)
+        self._relabel_worker.finished.connect(finished)
+        self._relabel_worker.start()
+
+    @property
+    def busy(self) -> bool:
+        return self.jobs.busy or self._relabel_worker is not None
 
     def _summarise(self, r: SegmentResult) -> None:
         n = int(np.count_nonzero(np.unique(r.labels)))

@@ -57,10 +57,12 @@ def small_image() -> np.ndarray:
 
 @pytest.fixture
 def wait_for(qtbot):
-    """wait_for(widget_or_panel): blocks (processing Qt events) until its job has finished."""
+    """wait_for(widget_or_panel): processes Qt events until its workers have finished (a widget's
+    `busy`, else its JobPanel's); NAPARI_DCA_TEST_TIMEOUT seconds at most."""
     def wait(obj, timeout=WORKER_TIMEOUT_MS):
-        panel = getattr(obj, "jobs", obj)
-        qtbot.waitUntil(lambda: not panel.busy, timeout=timeout)
+        def busy():
+            return obj.busy if hasattr(obj, "busy") else obj.jobs.busy
+        qtbot.waitUntil(lambda: not busy(), timeout=timeout)
         qtbot.wait(10)  # let queued returned/finished slots run
     return wait
 
