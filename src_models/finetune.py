@@ -66,14 +66,15 @@ class FinetuneResult:
     cancelled: bool
     corrections: dict[str, Any]
     seconds: float = 0.0
-    stopped: str = "steps"          # "steps" | "cancelled" | "non-finite loss"
+    stopped: str = "steps"          # "steps" | "cancelled" | "time budget" | "non-finite loss"
 
-    def card(self, parent_card, parent: str | None = None):
-        """The parent's ModelCard with `parent` and `corrections` filled in (a copy)."""
+    def card(self, parent_card, parent: str):
+        """A copy of the parent's ModelCard for the fine-tuned model: `parent` names the checkpoint
+        that was fine-tuned (bundled name or path); this round is appended to `corrections`."""
         from .checkpoints import ModelCard
         d = parent_card.to_dict() if hasattr(parent_card, "to_dict") else dict(parent_card)
         d.pop("created", None)
-        d["parent"] = parent if parent is not None else (d.get("parent") or d.get("trained_on") or "")
+        d["parent"] = str(parent)
         previous = d.get("corrections") or {}
         rounds = list(previous.get("rounds", [])) if isinstance(previous, dict) else []
         d["corrections"] = {"rounds": rounds + [self.corrections]}
@@ -221,7 +222,8 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
              lr: float = 3e-4, train: str = "all", tile_size: int | None = None, card=None,
              replay=None, progress: Callable[[int, int, float], None] | None = None,
              cancel: Callable[[], bool] | None = None, seed: int = 0, batch_size: int = 2,
-             replay_per_batch: int = 1, weight_decay: float = 1e-4) -> FinetuneResult:
+             replay_per_batch: int = 1, weight_decay: float = 1e-4,
+             max_seconds: float | None = None) -> FinetuneResult:
     """Train a copy of `model` on corrected labels of one image.
 
     image: (H, W, 3) uint8 / float (or (H, W) gray); labels: (H, W) corrected instance ids
@@ -231,7 +233,8 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     default the card's tile size (256 without a card). card: the model's ModelCard (normalisation,
     tile size). replay: training samples of the model ((image, mask) pairs or data.Sample) of which
     `replay_per_batch` crops join every batch. progress(step, steps, loss) after every step; cancel()
-    is checked before every step and stops the round with the weights of the last finished step.
+    is checked before every step and stops the round with the weights of the last finished step;
+    max_seconds likewise stops it once that much time has passed (a predictable round in the GUI).
     Raises ValueError, before any training, if the reviewed region holds no labelled pixel."""
     if train not in ("all", "decoder"):
         raise ValueError(f"train must be 'all' or 'decoder', got {train!r}")
@@ -276,6 +279,9 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
         if cancel is not None and cancel():
             stopped = "cancelled"
             break
+        if max_seconds is not None and time.perf_counter() - t0 >= max_seconds:
+            stopped = "time budget"
+            break
         x, t, v = sampler.batch(rng, batch_size)
         if replayer is not None and replay_per_batch > 0:
             rx, rt, rv = replayer.batch(rng, replay_per_batch)
@@ -299,7 +305,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     corrections.update({"steps": steps_done, "lr": lr, "train": train, "tile_size": tile,
                         "batch_size": batch_size, "seed": seed,
                         "replay_images": len(replayer.items) if replayer is not None else 0,
-                        "final_loss": history[-1] if history else None})
+                        "final_loss": history[-1] if history else None, "stopped": stopped})
     return FinetuneResult(model=new, loss_history=history, steps_done=steps_done, steps_requested=steps,
                           cancelled=stopped == "cancelled", corrections=corrections,
                           seconds=time.perf_counter() - t0, stopped=stopped)

@@ -80,6 +80,12 @@ def test_cancel_returns_usable_model_with_fewer_steps(tiny):
     assert out.shape == (1, 1, 48, 48) and torch.isfinite(out).all()
 
 
+def test_time_budget_stops_the_round(tiny):
+    image, labels = toy_image()
+    res = finetune(tiny, image, labels, steps=50, tile_size=TILE, max_seconds=0.0)
+    assert res.steps_done == 0 and res.stopped == "time budget" and not res.cancelled
+
+
 def test_labels_outside_region_do_not_contribute(tiny):
     # Same seed and region -> same crops; labels differ only outside the region. The loss and every
     # gradient must be identical, and so must the fine-tuned weights.
