@@ -68,13 +68,15 @@ class FinetuneResult:
     seconds: float = 0.0
     stopped: str = "steps"          # "steps" | "cancelled" | "time budget" | "non-finite loss"
 
-    def card(self, parent_card, parent: str):
+    def card(self, parent_card, parent: str | None = None):
         """A copy of the parent's ModelCard for the fine-tuned model: `parent` names the checkpoint
-        that was fine-tuned (bundled name or path); this round is appended to `corrections`."""
+        that was fine-tuned (bundled name or path); None (an unsaved model was fine-tuned) keeps the
+        parent card's own `parent`, its last saved ancestor. This round is appended to
+        `corrections["rounds"]`, so consecutive unsaved rounds all stay on record."""
         from .checkpoints import ModelCard
         d = parent_card.to_dict() if hasattr(parent_card, "to_dict") else dict(parent_card)
         d.pop("created", None)
-        d["parent"] = str(parent)
+        d["parent"] = str(parent) if parent else d.get("parent")
         previous = d.get("corrections") or {}
         rounds = list(previous.get("rounds", [])) if isinstance(previous, dict) else []
         d["corrections"] = {"rounds": rounds + [self.corrections]}
