@@ -86,8 +86,11 @@ class JobPanel(QWidget):
                 log.debug("napari-dca job %s failed", what, exc_info=True)
                 return ("error", err)
 
+        outcome = {}
+
         def returned(result):
             status, value = result
+            outcome["status"] = "done" if status == "ok" else status
             try:
                 if status == "ok":
                     on_result(value)
@@ -106,8 +109,11 @@ class JobPanel(QWidget):
         def done():
             self.worker = None
             self.cancel_button.setEnabled(False)
-            if self.bar.format() == "cancelling…":
-                self.bar.setFormat("cancelled")
+            status = "cancelled" if cancel.is_set() else outcome.get("status", "done")
+            self.bar.setMaximum(max(self.bar.maximum(), 1))
+            self.bar.setValue(self.bar.maximum() if status == "done" else self.bar.value())
+            self.bar.setFormat({"done": f"{what}: done", "cancelled": f"{what}: cancelled"}.get(
+                status, f"{what}: failed"))
             self.finished.emit()
 
         self.bar.setMaximum(0)  # busy indicator until the first report

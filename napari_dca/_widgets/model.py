@@ -35,6 +35,7 @@ class ModelWidget(QWidget):
         self.backbone = QComboBox()
         from src_models import list_models
         self.backbone.addItems(list_models())
+        self.backbone.setCurrentText("unet")  # the paper's base model; the lightest with DCA
         self.dca = QCheckBox("Dual cross-attention (DCA)")
         self.dca.setChecked(True)
         self.task = QComboBox()
