@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from src_models import build_model  # noqa: E402
 from src_models import metrics as M  # noqa: E402
-from src_models.checkpoints import ModelCard, card_for, load_checkpoint, save_checkpoint  # noqa: E402
+from src_models.checkpoints import card_for, load_checkpoint, save_checkpoint  # noqa: E402
 from src_models.data import load_samples, split_names  # noqa: E402
 from src_models.finetune import finetune  # noqa: E402
 from src_models.inference import predict  # noqa: E402
