@@ -139,3 +139,36 @@ def test_capture_attention_leaves_outputs_unchanged_and_maps_are_distributions(n
             for att in (cca, sca):
                 torch.testing.assert_close(att.sum(-1), torch.ones(att.shape[:-1]), atol=1e-5, rtol=0)
             assert rec.tokens[stage].shape == (2, n, c)
+
+
+def _reference_names_vnet() -> list[str]:
+    """Parameter/buffer names the reference 2D V-Net uses (no fixture exists for it)."""
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    wb = lambda p: [f"{p}.weight", f"{p}.bias"]   # noqa: E731
+    norm = lambda p: [f"{p}.{s}" for s in bn]     # noqa: E731
+
+    def layers(p, depth):
+        out = []
+        for j in range(depth):
+            out += wb(f"{p}.conv.{j}.conv")
+            if j < depth - 1:
+                out += norm(f"{p}.conv.{j}.bn") + [f"{p}.conv.{j}.prelu.weight"]
+        return out
+
+    keys = wb("conv1.conv") + wb("conv1.conv_skip") + norm("conv1.bn") + ["conv1.prelu.weight"]
+    for i, depth in zip(range(2, 6), (2, 3, 3, 3)):
+        keys += wb(f"conv{i}.down") + layers(f"conv{i}", depth) + norm(f"conv{i}.bn") + [f"conv{i}.prelu.weight"]
+    for i, depth in zip(range(1, 4), (3, 3, 2)):
+        keys += wb(f"up{i}.up") + norm(f"up{i}.bn_in") + [f"up{i}.prelu_in.weight"] + layers(f"up{i}", depth)
+        keys += norm(f"up{i}.bn") + [f"up{i}.prelu.weight"]
+    keys += wb("up4.up") + norm("up4.bn_in") + ["up4.prelu_in.weight"] + wb("up4.conv")
+    return keys + norm("up4.bn") + ["up4.prelu.weight"] + wb("out")
+
+
+def test_vnet_reference_names_map_one_to_one_onto_ours():
+    from src_models.registry import official_key_map
+    convert = official_key_map("vnet")
+    ours = build_model("vnet", dca=False, width=SMALL).state_dict()
+    mapped = [convert(k) for k in _reference_names_vnet()]
+    assert None not in mapped
+    assert sorted(mapped) == sorted(ours)
