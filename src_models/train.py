@@ -144,37 +144,26 @@ def predict_probabilities(model: torch.nn.Module, image: np.ndarray, tile_size: 
     return out
 
 
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    pred, gt = pred.astype(bool), gt.astype(bool)
-    denom = pred.sum() + gt.sum()
-    return 1.0 if denom == 0 else float(2 * (pred & gt).sum() / denom)
-
-
-def resize_nearest(mask: np.ndarray, size: int = 224) -> np.ndarray:
-    ys = (np.arange(size) * mask.shape[0] / size).astype(int)
-    xs = (np.arange(size) * mask.shape[1] / size).astype(int)
-    return mask[ys][:, xs]
-
-
 def validate(model: torch.nn.Module, samples: list[Sample], cfg: TrainConfig, device: torch.device,
              threshold: float = 0.5) -> dict[str, float]:
     """Mean per-image Dice at native resolution and on 224x224 nearest-resized masks (the paper's
-    metric protocol), from native-resolution predictions."""
+    metric protocol, `metrics.pixel_scores`). The paper protocol predicts on images resized to 224."""
+    from skimage.transform import resize
+
+    from .metrics import pixel_scores, resize_nearest
     model.eval()
     native, paper = [], []
     for s in samples:
+        gt = s.mask > 0
         if cfg.protocol == "paper":
-            from skimage.transform import resize
             img = resize(s.image, (224, 224, 3), order=1, preserve_range=True, anti_aliasing=True).astype(np.uint8)
             prob = predict_probabilities(model, img, 224, device)
-            pred224 = prob > threshold
-            paper.append(dice(pred224, resize_nearest(s.mask > 0)))
-            from skimage.transform import resize as rs
-            native.append(dice(rs(prob, s.mask.shape, order=1) > threshold, s.mask > 0))
+            paper.append(pixel_scores(resize_nearest(gt), prob > threshold)["dice"])
+            pred = resize(prob, gt.shape, order=1) > threshold
         else:
             pred = predict_probabilities(model, s.image, cfg.tile_size, device) > threshold
-            native.append(dice(pred, s.mask > 0))
-            paper.append(dice(resize_nearest(pred), resize_nearest(s.mask > 0)))
+            paper.append(pixel_scores(gt, pred, "paper")["dice"])
+        native.append(pixel_scores(gt, pred)["dice"])
     model.train()
     return {"dice_native": float(np.mean(native)), "dice_paper_protocol": float(np.mean(paper))}
 
