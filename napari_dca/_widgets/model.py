@@ -210,6 +210,9 @@ def card_html(state) -> str:
             rows.append(("Checkpoint", f"{p.name} ({size})"))
         except Exception:
             rows.append(("Checkpoint", str(path)))
+    elif card is not None and (card.parent or card.corrections):
+        rows.append(("Checkpoint", f"not saved yet (fine-tuned from {card.parent or 'a new model'}); "
+                                   f"Fine-tune > 'Save as checkpoint…' keeps it"))
     else:
         rows.append(("Checkpoint", "none (new, untrained)"))
     rows.append(("Device", state.device))

@@ -181,3 +181,42 @@ def test_bad_input_shows_a_message_never_a_traceback(make_napari_viewer, tiny_ch
     model_widget.load()
     wait_for(model_widget)
     assert errors(messages) and "bad.safetensors" in errors(messages)[0]
+
+
+def test_visible_region_only_segments_what_the_canvas_shows(make_napari_viewer, tiny_checkpoint,
+                                                            wait_for, messages):
+    from napari_dca._sample_data import nuclei_sample
+    from napari_dca._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer(show=True)
+    big = nuclei_sample()[0][0]
+    image = viewer.add_image(big, name="he")
+    _load(viewer, tiny_checkpoint)
+    viewer.camera.center = (400, 380)
+    viewer.camera.zoom = 8.0
+    image.refresh()
+    widget = SegmentWidget(viewer)
+    widget.visible_only.setChecked(True)
+    widget.run()
+    wait_for(widget)
+    assert not errors(messages), messages
+    labels = widget.labels_layer()
+    rows, cols = widget.result.region
+    assert labels.data.shape == (rows.stop - rows.start, cols.stop - cols.start)
+    assert labels.data.shape[0] < big.shape[0] and labels.data.shape[1] < big.shape[1]
+    assert rows.start <= 400 < rows.stop and cols.start <= 380 < cols.stop
+    np.testing.assert_allclose(labels.translate, (rows.start, cols.start))
+
+
+def test_grayscale_image_is_segmented(make_napari_viewer, tiny_checkpoint, small_image, wait_for,
+                                      messages):
+    from napari_dca._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(small_image.mean(-1).astype(np.uint8), name="gray")
+    _load(viewer, tiny_checkpoint)
+    widget = SegmentWidget(viewer)
+    widget.run()
+    wait_for(widget)
+    assert not errors(messages), messages
+    assert widget.labels_layer().data.shape == small_image.shape[:2]
