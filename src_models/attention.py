@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 
 from .dca import capture_attention
-from .inference import (Cancelled, _cancel_requested, _prepare_tile, _read_tile, _Window,
-                        DEFAULT_TILE_SIZE, card_value, image_layout, intensity_range, select_device)
+from .inference import (DEFAULT_TILE_SIZE, Cancelled, ImageLayout, _cancel_requested, _prepare_tile,
+                        _read_tile, _Window, card_value, image_layout, intensity_range,
+                        select_device)
 from .preprocess import DEFAULT_NORMALIZATION
 
 
@@ -114,7 +115,7 @@ def attention_maps(model: nn.Module, image: Any, card: Any = None, *,
         if not (y0 <= qy < y1 and x0 <= qx < x1):
             raise ValueError(f"query point {(qy, qx)} lies outside the region {(y0, y1, x0, x1)}")
     window = _Window(image, layout, y0, y1, x0, x1)
-    wl = image_layout(window.shape)
+    wl = ImageLayout(None, y1 - y0, x1 - x0, layout.channels)
     nty, ntx = math.ceil((y1 - y0) / tile), math.ceil((x1 - x0) / tile)
     tiles = [(ty, tx) for ty in range(nty) for tx in range(ntx)]
 
