@@ -184,7 +184,7 @@ def test_bad_input_shows_a_message_never_a_traceback(make_napari_viewer, tiny_ch
 
 
 def test_visible_region_only_segments_what_the_canvas_shows(make_napari_viewer, tiny_checkpoint,
-                                                            wait_for, messages):
+                                                            wait_for, messages, qtbot):
     from napari_dca._sample_data import nuclei_sample
     from napari_dca._widgets.segment import SegmentWidget
 
@@ -194,7 +194,7 @@ def test_visible_region_only_segments_what_the_canvas_shows(make_napari_viewer, 
     _load(viewer, tiny_checkpoint)
     viewer.camera.center = (400, 380)
     viewer.camera.zoom = 8.0
-    image.refresh()
+    qtbot.waitUntil(lambda: image.corner_pixels[1, 0] - image.corner_pixels[0, 0] < 400, timeout=5000)
     widget = SegmentWidget(viewer)
     widget.visible_only.setChecked(True)
     widget.run()
