@@ -122,12 +122,13 @@ class LayerCombo(QComboBox):
     Layers this plugin made (outputs) are left out unless `include_owned`."""
 
     def __init__(self, viewer, kinds: tuple, none_text: str | None = None,
-                 include_owned: bool = False, parent=None):
+                 include_owned: bool = False, exclude_roles: tuple = (), parent=None):
         super().__init__(parent)
         self.viewer = viewer
         self.kinds = kinds
         self.none_text = none_text
         self.include_owned = include_owned
+        self.exclude_roles = exclude_roles
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed,
                       viewer.layers.events.moved):
             event.connect(self.refresh)
@@ -137,7 +138,10 @@ class LayerCombo(QComboBox):
     def _accept(self, layer) -> bool:
         if not isinstance(layer, self.kinds):
             return False
-        return self.include_owned or not isinstance(layer.metadata.get(OWNER_KEY), dict)
+        meta = layer.metadata.get(OWNER_KEY)
+        if not isinstance(meta, dict):
+            return True
+        return self.include_owned and meta.get("role") not in self.exclude_roles
 
     def _on_layer_event(self, event) -> None:
         if event.type == "name":

@@ -121,7 +121,7 @@ class FinetuneWidget(QWidget):
         self.round: Round | None = None
 
         self.image = LayerCombo(viewer, (Image,))
-        self.labels = LayerCombo(viewer, (Labels,), include_owned=True)
+        self.labels = LayerCombo(viewer, (Labels,), include_owned=True, exclude_roles=("changes",))
         self.labels.setToolTip("Labels you corrected (e.g. the Segment widget's output after editing)")
         self.region = LayerCombo(viewer, (Shapes,), none_text="whole labels layer")
         self.region.setToolTip("Shapes drawn around the part you reviewed; only labels there count")
