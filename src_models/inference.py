@@ -24,12 +24,11 @@ import math
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .preprocess import DEFAULT_NORMALIZATION, prepare
 
@@ -37,7 +36,6 @@ DEFAULT_TILE_SIZE = 256
 DEFAULT_OVERLAP = 0.25
 
 ProgressCallback = Callable[[int, int], Any]
-CancelCheck = "Callable[[], bool] | threading.Event | None"
 
 SUPPORTED_SHAPES = ("(H, W) grayscale, (H, W, 3) RGB, (H, W, 4) RGBA (alpha dropped), "
                     "(Z, H, W) grayscale stack, (Z, H, W, 3|4) colour stack")

@@ -10,7 +10,7 @@ re-derives the masks: the model is never run again.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import numpy as np

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from src_models import build_model
 from src_models.attention import attention_maps, tile_around
