@@ -16,9 +16,9 @@ Speed notes (why the code looks like this):
   (B, N, C) tokens (TokenAffine) instead of reshaping to images and back around each conv.
 - The output 1x1 conv commutes with bilinear upsampling (both linear, interpolation weights sum to
   one), so it runs on the N tokens rather than on the full-resolution skip.
-- Attention uses torch's fused scaled_dot_product_attention where it applies (see `_attend`); the
-  explicit softmax path runs while attention maps are being captured (see `capture_attention`)
-  and for spatial attention while training on CPU.
+- Attention uses torch's fused scaled_dot_product_attention (spatial attention with V padded to
+  Q's head size, see `_attend`); the explicit softmax path runs only while attention maps are
+  being captured (see `capture_attention`).
 """
 from __future__ import annotations
 
@@ -54,21 +54,18 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             capture: list | None) -> torch.Tensor:
     """softmax(q k^T * scale) v over the last two axes; records the map when capturing.
 
-    Path choice (same result on every path, within float rounding): torch's fused (flash) kernels
-    need V's head size equal to Q's, which holds for channel attention but not for spatial attention
-    (Q, K: C/h per head; V: C_i/h). There, on CPU, torch would fall back to an unfused path with
-    extra passes over the N x N map; instead inference zero-pads V to use the fused kernel (no N x N
-    map is ever stored: large tiles stay cheap) and training runs the plain softmax, whose backward
-    is faster on CPU than the fused kernel's."""
-    dq, dv = q.shape[-1], v.shape[-1]
+    torch's fused (flash) kernels need V's head size equal to Q's. That holds for channel attention
+    but not for spatial attention (Q, K: C/h per head; V: C_i/h), where torch would fall back to an
+    unfused path with extra passes over the N x N map. Zero-padding V to Q's head size keeps the
+    fused kernel (the pad columns come out zero and are dropped): faster on CPU for training and
+    inference, and no N x N map is stored, so large tiles stay cheap in memory."""
     if capture is None:
-        if dv == dq or q.is_cuda:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        dq, dv = q.shape[-1], v.shape[-1]
+        if dv < dq:
             return F.scaled_dot_product_attention(q, k, F.pad(v, (0, dq - dv)), scale=scale)[..., :dv]
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     att = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
-    if capture is not None:
-        capture.append(att.detach())
+    capture.append(att.detach())
     return att @ v
 
 
