@@ -34,6 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (same architecture and arguments); "
+                        "recorded as the new card's parent")
     return p
 
 
@@ -45,7 +48,8 @@ def run(args) -> int:
                       model_kwargs=kwargs, protocol=args.protocol, tile_size=args.tile,
                       batch_size=args.batch, steps=args.steps, lr=args.lr, val_every=args.val_every,
                       patience=args.patience, max_minutes=args.max_minutes, seed=args.seed,
-                      threads=args.threads, device=args.device, resume=args.resume)
+                      threads=args.threads, device=args.device, resume=args.resume,
+                      init=args.init)
     summary = train(cfg)
     best = summary["best"]
     print(f"{summary['checkpoint']}: {summary['steps']} steps in {summary['minutes']:.1f} min "

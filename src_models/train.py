@@ -59,6 +59,7 @@ class TrainConfig:
     threads: int | None = None
     device: str = "auto"
     resume: bool = False
+    init: str | None = None                     # start from this checkpoint's weights (its card: parent)
     scale_jitter: tuple[float, float] = (0.8, 1.25)
     augment: dict[str, Any] = field(default_factory=dict)
     instance_params: dict[str, Any] | None = None
@@ -184,6 +185,13 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     train_samples, val_samples = load_samples(root, train_names), load_samples(root, val_names)
 
     model = build_model(cfg.architecture, **cfg.model_kwargs).to(device)
+    if cfg.init:
+        from .checkpoints import load_checkpoint
+        parent, parent_card = load_checkpoint(cfg.init)
+        if parent_card.architecture != cfg.architecture or parent_card.model_kwargs != model.config:
+            raise ValueError(f"--init checkpoint {cfg.init} is a {parent_card.architecture} with "
+                             f"{parent_card.model_kwargs}, not the requested {cfg.architecture} with {model.config}")
+        model.load_state_dict(parent.state_dict())
     in_ch = model.config["in_channels"]
     num_classes = model.config["num_classes"]
     sampler = TileSampler(train_samples, cfg, in_ch, num_classes)
@@ -228,6 +236,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
                             "best_step": step, "device": device.type,
                             "torch": torch.__version__},
                         metrics={"validation": metrics},
+                        parent=Path(cfg.init).name if cfg.init else None,
                         licence=LICENCES.get(dataset_name, ""))
         save_checkpoint(model, out, card)
 

@@ -115,3 +115,10 @@ def test_train_writes_best_checkpoint_with_complete_card_and_resumes(tmp_path):
     # Same seed, same run: reproducible losses.
     cfg2 = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "again.safetensors"), "steps": 4, "resume": False})
     assert np.allclose(train(cfg2)["loss_history"], summary["loss_history"])
+    # Starting from a checkpoint's weights records it as the parent.
+    cfg3 = TrainConfig(**{**cfg2.__dict__, "out": str(tmp_path / "child.safetensors"), "steps": 1,
+                          "val_every": 1, "init": str(tmp_path / "m.safetensors")})
+    train(cfg3)
+    assert load_checkpoint(tmp_path / "child.safetensors")[1].parent == "m.safetensors"
+    with pytest.raises(ValueError, match="not the requested"):
+        train(TrainConfig(**{**cfg3.__dict__, "model_kwargs": {"dca": False, "width": 0.125}}))
