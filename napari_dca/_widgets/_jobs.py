@@ -54,13 +54,13 @@ class JobPanel(QWidget):
     def _on_progress(self, done: int, total: int) -> None:
         self.bar.setMaximum(max(total, 1))
         self.bar.setValue(done)
-        self.bar.setFormat(f"%v / %m")
+        self.bar.setFormat("%v / %m")
 
     def run(self, fn: Callable[[Callable, threading.Event], Any], on_result: Callable[[Any], None],
             what: str, hint: str = "") -> bool:
         """Starts `fn` in a worker unless one is running; False (and a message) if busy."""
         if self.worker is not None:
-            show_info(f"napari-dca is still busy; wait for it or press Cancel.")
+            show_info("napari-dca is still busy; wait for it or press Cancel.")
             return False
         self._cancel.clear()
         cancel = self._cancel

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..blocks import DoubleConv, UpConv
-from ..dca import official_dca_key
+from ..dca import DCA, official_dca_key
 
 
 class DecoderStage(nn.Module):
@@ -23,6 +23,12 @@ class DecoderStage(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x, tuple(skip.shape[-2:]))
         return self.conv(torch.cat((x, skip), dim=1))
+
+
+def skip_dca(features: list[int], patch_size: int, **dca_kwargs) -> DCA:
+    """DCA over skips whose resolution halves from one stage to the next: the token patch is
+    patch_size pixels at the first skip, patch_size / 2 at the second, ... (the reference's strides)."""
+    return DCA(features, strides=[patch_size // 2 ** i for i in range(len(features))], **dca_kwargs)
 
 
 # Reference conv_block children -> index in our ConvNormAct (Sequential: conv, norm, act).

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from ..base import SegmentationNet
 from ..blocks import ASPP, BNReLU, DoubleConv, SqueezeExcite, VGG19Features, upsample_to
-from ..dca import DCA, official_dca_key
+from ..dca import official_dca_key
 from ..registry import register
-from .common import CONV_BLOCK_PART, key_mapper
+from .common import CONV_BLOCK_PART, key_mapper, skip_dca
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,9 +58,8 @@ class ConcatDecoderStage(nn.Module):
 
 
 def _dca(features, patch_size, n_blocks, channel_heads, spatial_heads, channel_att, spatial_att):
-    return DCA(features, strides=[patch_size, patch_size // 2, patch_size // 4, patch_size // 8],
-               n_blocks=n_blocks, channel_heads=channel_heads, spatial_heads=spatial_heads,
-               channel_att=channel_att, spatial_att=spatial_att)
+    return skip_dca(features, patch_size, n_blocks=n_blocks, channel_heads=channel_heads,
+                    spatial_heads=spatial_heads, channel_att=channel_att, spatial_att=spatial_att)
 
 
 # Reference VGG slices (vgg1 = features[:3], vgg2 = [4:8], vgg3 = [9:17], vgg4 = [18:26],

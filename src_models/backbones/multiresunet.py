@@ -17,9 +17,8 @@ import torch.nn.functional as F
 
 from ..base import SegmentationNet
 from ..blocks import BNReLU, MultiResBlock, ResPath
-from ..dca import DCA
 from ..registry import register
-from .common import CONV_BLOCK_PART, key_mapper
+from .common import CONV_BLOCK_PART, key_mapper, skip_dca
 
 
 class TransposedUpStage(nn.Module):
@@ -84,9 +83,9 @@ class MultiResUNet(SegmentationNet):
         # Longer residual paths for shallower skips: they have the largest semantic gap to bridge.
         self.respaths = nn.ModuleList(ResPath(block.out_channels, f, length)
                                       for block, f, length in zip(self.encoder, c[:4], (4, 3, 2, 1)))
-        self.dca = DCA(c[:4], strides=[patch_size, patch_size // 2, patch_size // 4, patch_size // 8],
-                       n_blocks=n_blocks, channel_heads=channel_heads, spatial_heads=spatial_heads,
-                       channel_att=channel_att, spatial_att=spatial_att) if dca else None
+        self.dca = skip_dca(c[:4], patch_size, n_blocks=n_blocks, channel_heads=channel_heads,
+                            spatial_heads=spatial_heads, channel_att=channel_att,
+                            spatial_att=spatial_att) if dca else None
         self.decoder = nn.ModuleList()
         cin = self.bottleneck.out_channels
         for f in c[3::-1]:

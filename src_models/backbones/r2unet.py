@@ -14,9 +14,8 @@ import torch.nn.functional as F
 
 from ..base import SegmentationNet
 from ..blocks import RecurrentResidualBlock, UpConv
-from ..dca import DCA
 from ..registry import register
-from .common import CONV_BLOCK_PART, key_mapper
+from .common import CONV_BLOCK_PART, key_mapper, skip_dca
 
 
 class R2DecoderStage(nn.Module):
@@ -73,9 +72,9 @@ class R2UNet(SegmentationNet):
         self.encoder = nn.ModuleList(RecurrentResidualBlock(cin, cout)
                                      for cin, cout in zip([in_channels] + c[:3], c[:4]))
         self.bottleneck = RecurrentResidualBlock(c[3], c[4])
-        self.dca = DCA(c[:4], strides=[patch_size, patch_size // 2, patch_size // 4, patch_size // 8],
-                       n_blocks=n_blocks, channel_heads=channel_heads, spatial_heads=spatial_heads,
-                       channel_att=channel_att, spatial_att=spatial_att) if dca else None
+        self.dca = skip_dca(c[:4], patch_size, n_blocks=n_blocks, channel_heads=channel_heads,
+                            spatial_heads=spatial_heads, channel_att=channel_att,
+                            spatial_att=spatial_att) if dca else None
         self.decoder = nn.ModuleList(R2DecoderStage(cin, cskip, cout) for cin, cskip, cout in
                                      zip(c[:0:-1], c[3::-1], c[3::-1]))
         self.head = nn.Conv2d(c[0], num_classes, 1)

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 
 from ..base import SegmentationNet
 from ..blocks import ASPP, AttentionGate, ConvNormAct, PreActResidual, SqueezeExcite
-from ..dca import DCA
 from ..registry import register
-from .common import CONV_BLOCK_PART, key_mapper
+from .common import CONV_BLOCK_PART, key_mapper, skip_dca
 
 
 class SEResidualDown(nn.Module):
@@ -110,9 +109,9 @@ class ResUNetPP(SegmentationNet):
         self.encoder = nn.ModuleList(SEResidualDown(cin, cout, r)
                                      for cin, cout, r in zip(c[:3], c[1:4], reductions))
         self.bridge = ASPP(c[3], c[4], act=False)
-        self.dca = DCA(c[:3], strides=[patch_size, patch_size // 2, patch_size // 4],
-                       n_blocks=n_blocks, channel_heads=channel_heads, spatial_heads=spatial_heads,
-                       channel_att=channel_att, spatial_att=spatial_att) if dca else None
+        self.dca = skip_dca(c[:3], patch_size, n_blocks=n_blocks, channel_heads=channel_heads,
+                            spatial_heads=spatial_heads, channel_att=channel_att,
+                            spatial_att=spatial_att) if dca else None
         self.decoder = nn.ModuleList(GatedDecoderStage(cin, cskip, cout) for cin, cskip, cout in
                                      zip((c[4], c[3], c[2]), (c[2], c[1], c[0]), (c[3], c[2], c[1])))
         self.head_aspp = ASPP(c[1], c[0])

@@ -13,9 +13,8 @@ import torch.nn.functional as F
 
 from ..base import SegmentationNet
 from ..blocks import BNReLU, DoubleConv
-from ..dca import DCA
 from ..registry import register
-from .common import CONV_BLOCK_PART, DecoderStage, key_mapper
+from .common import CONV_BLOCK_PART, DecoderStage, key_mapper, skip_dca
 
 
 class UNetEncoderStage(nn.Module):
@@ -62,9 +61,9 @@ class UNet(SegmentationNet):
         self.encoder = nn.ModuleList(UNetEncoderStage(cin, cout)
                                      for cin, cout in zip([in_channels] + c[:3], c[:4]))
         self.bottleneck = DoubleConv(c[3], c[4], c[4])
-        self.dca = DCA(c[:4], strides=[patch_size, patch_size // 2, patch_size // 4, patch_size // 8],
-                       n_blocks=n_blocks, channel_heads=channel_heads, spatial_heads=spatial_heads,
-                       channel_att=channel_att, spatial_att=spatial_att) if dca else None
+        self.dca = skip_dca(c[:4], patch_size, n_blocks=n_blocks, channel_heads=channel_heads,
+                            spatial_heads=spatial_heads, channel_att=channel_att,
+                            spatial_att=spatial_att) if dca else None
         self.decoder = nn.ModuleList(DecoderStage(cin, cskip, cout) for cin, cskip, cout in
                                      zip(c[:0:-1], c[3::-1], c[3::-1]))
         self.head = nn.Conv2d(c[0], num_classes, 1)

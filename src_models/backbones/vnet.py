@@ -16,9 +16,8 @@ import torch
 import torch.nn as nn
 
 from ..base import SegmentationNet
-from ..dca import DCA
 from ..registry import register
-from .common import key_mapper
+from .common import key_mapper, skip_dca
 
 
 def conv5(in_channels: int, out_channels: int, norm_act: bool = True) -> nn.Sequential:
@@ -126,9 +125,9 @@ class VNet(SegmentationNet):
         self.encoder.extend(DownStage(cin, cout, depth)
                             for cin, cout, depth in zip(c[:3], c[1:4], (2, 3, 3)))
         self.bottleneck = DownStage(c[3], c[4], 3)
-        self.dca = DCA(c[:4], strides=[patch_size, patch_size // 2, patch_size // 4, patch_size // 8],
-                       n_blocks=n_blocks, channel_heads=channel_heads, spatial_heads=spatial_heads,
-                       channel_att=channel_att, spatial_att=spatial_att) if dca else None
+        self.dca = skip_dca(c[:4], patch_size, n_blocks=n_blocks, channel_heads=channel_heads,
+                            spatial_heads=spatial_heads, channel_att=channel_att,
+                            spatial_att=spatial_att) if dca else None
         self.decoder = nn.ModuleList(UpStage(cin, cout, cout, depth) for cin, cout, depth in
                                      zip(c[:0:-1], c[3::-1], (3, 3, 2, 1)))
         self.head = nn.Conv2d(c[0], num_classes, 1)
