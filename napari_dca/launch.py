@@ -27,6 +27,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", default="nuclei", choices=["nuclei", "glands", "none"],
                         help="sample image to open (default: nuclei)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
+    parser.add_argument("--screenshot", default=None, metavar="PNG",
+                        help="save a screenshot of the window once the model is loaded, then quit "
+                             "(a check that works without a display, under Xvfb)")
 
 
 def open_viewer(checkpoint: str = "nuclei", sample: str = "nuclei", device: str = "auto",
@@ -39,10 +42,11 @@ def open_viewer(checkpoint: str = "nuclei", sample: str = "nuclei", device: str 
 
     if viewer is None:
         viewer = napari.Viewer(title="napari-dca", show=show)
-    widgets = {}
+    widgets, docks = {}, {}
     for i, name in enumerate(WIDGETS):
-        _, widget = viewer.window.add_plugin_dock_widget("napari-dca", name, tabify=i >= 2)
-        widgets[name] = widget
+        docks[name], widgets[name] = viewer.window.add_plugin_dock_widget("napari-dca", name, tabify=i >= 2)
+    from qtpy.QtCore import QTimer
+    QTimer.singleShot(0, docks["Segment"].raise_)  # once docking settles: the tab needed first
     if sample != "none":
         viewer.open_sample("napari-dca", sample)
     model = widgets["Model"]
@@ -63,10 +67,33 @@ def open_viewer(checkpoint: str = "nuclei", sample: str = "nuclei", device: str 
     return viewer, widgets
 
 
+def _screenshot_when_loaded(viewer, widgets, path: str, timeout_s: float = 120.0) -> None:
+    """Let the Qt loop run until the Model widget's worker is done, then save the window."""
+    import time
+
+    from qtpy.QtWidgets import QApplication
+
+    jobs = getattr(widgets["Model"], "jobs", None)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        QApplication.processEvents()
+        if jobs is None or getattr(jobs, "worker", None) is None:
+            break
+        time.sleep(0.05)
+    for _ in range(20):
+        QApplication.processEvents()
+    viewer.screenshot(path, canvas_only=False)
+    print(f"saved {path}")
+    viewer.close()
+
+
 def run(args: argparse.Namespace) -> int:
     import napari
 
-    open_viewer(args.checkpoint, args.sample, args.device)
+    viewer, widgets = open_viewer(args.checkpoint, args.sample, args.device)
+    if getattr(args, "screenshot", None):
+        _screenshot_when_loaded(viewer, widgets, args.screenshot)
+        return 0
     napari.run()
     return 0
 

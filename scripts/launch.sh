@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and open napari with the napari-dca widgets docked, a sample H&E image
 # and the default "nuclei" checkpoint selected. Without a display it runs under Xvfb (useful only
-# for checks: `NAPARI_DCA_SCREENSHOT=out.png` saves a screenshot and quits).
+# for checks: `bash scripts/launch.sh --screenshot out.png` saves a screenshot and quits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
