@@ -25,8 +25,12 @@ if ! $PY -c "import torch" 2>/dev/null; then
   echo "setup: pip install torch==2.13.0 (CPU build where a local wheel exists)"
   $PY -m pip install -q torch==2.13.0
 fi
-if ! $PY -c "import napari_dca, src_models, napari, pytestqt, safetensors" 2>/dev/null \
-   || [ "${NAPARI_DCA_REINSTALL:-0}" = 1 ]; then
+# Installed, with its dependencies, from THIS checkout? (checked from / so the working directory
+# cannot stand in for an install)
+here=$(pwd -P)
+installed=$(cd / && $PY -c "import napari, pytestqt, safetensors, src_models, napari_dca, os
+print(os.path.dirname(os.path.dirname(os.path.realpath(napari_dca.__file__))))" 2>/dev/null || true)
+if [ "$installed" != "$here" ] || [ "${NAPARI_DCA_REINSTALL:-0}" = 1 ]; then
   echo "setup: pip install -e .[test]"
   $PY -m pip install -q -e ".[test]"
 fi
