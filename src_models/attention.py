@@ -43,6 +43,17 @@ class StageAttention:
     cca: np.ndarray                       # (heads, C_i/heads, C/heads) float32
     channel_weights: np.ndarray           # (C,) float32
     query_map: np.ndarray | None = None   # (gh, gw) float32, None without a query
+    # The same per SCA head (the maps above are their means): (heads, gh, gw).
+    received_heads: np.ndarray | None = None
+    query_map_heads: np.ndarray | None = None
+
+    def sca_map(self, kind: str, head: int | None = None) -> np.ndarray | None:
+        """"query" or "received" map: the mean over heads (head None or -1) or one SCA head."""
+        mean, per_head = {"query": (self.query_map, self.query_map_heads),
+                          "received": (self.received, self.received_heads)}[kind]
+        if head is None or head < 0 or per_head is None:
+            return mean
+        return per_head[min(int(head), per_head.shape[0] - 1)]
 
 
 @dataclass
@@ -119,6 +130,8 @@ def attention_maps(model: nn.Module, image: Any, card: Any = None, *,
     nty, ntx = math.ceil((y1 - y0) / tile), math.ceil((x1 - x0) / tile)
     tiles = [(ty, tx) for ty in range(nty) for tx in range(ntx)]
 
+    # Only the query's tile keeps its N x N spatial maps (per head); other tiles keep summaries.
+    q_tile_key = None if query is None else ((qy - y0) // tile, (qx - x0) // tile)
     dev = select_device(device)
     model = model.eval().to(dev)
     per_tile: dict[tuple[int, int], Any] = {}
@@ -135,7 +148,7 @@ def attention_maps(model: nn.Module, image: Any, card: Any = None, *,
                 raise ValueError("the model ran but no DCA attention was recorded")
             rec = records[0]
             for b, key in enumerate(chunk):
-                per_tile[key] = _tile_maps(rec, b, block)
+                per_tile[key] = _tile_maps(rec, b, block, keep_rows=key == q_tile_key)
             if progress is not None:
                 progress(start + len(chunk), len(tiles))
 
@@ -145,10 +158,9 @@ def attention_maps(model: nn.Module, image: Any, card: Any = None, *,
     ch, cw = math.ceil((y1 - y0) / cell[0]), math.ceil((x1 - x0) / cell[1])
 
     query_tile = None
-    q_tile_key = q_token = None
+    q_token = None
     if query is not None:
         ry, rx = qy - y0, qx - x0
-        q_tile_key = (ry // tile, rx // tile)
         q_token = int((ry % tile) // cell[0]) * gw + int((rx % tile) // cell[1])
         ty, tx = q_tile_key
         query_tile = (y0 + ty * tile, min(y1, y0 + (ty + 1) * tile),
@@ -156,23 +168,26 @@ def attention_maps(model: nn.Module, image: Any, card: Any = None, *,
 
     stages = []
     for s, info in enumerate(first["stages"]):
-        received = np.zeros((nty * gh, ntx * gw), np.float32)
-        summary = np.zeros_like(received)
+        heads = info["received"].shape[0]
+        received = np.zeros((heads, nty * gh, ntx * gw), np.float32)
+        summary = np.zeros((nty * gh, ntx * gw), np.float32)
         qmap = np.zeros_like(received) if query is not None else None
         for (ty, tx), maps in per_tile.items():
             st = maps["stages"][s]
             sl = (slice(ty * gh, (ty + 1) * gh), slice(tx * gw, (tx + 1) * gw))
-            received[sl] = st["received"].reshape(gh, gw)
+            received[(slice(None), *sl)] = st["received"].reshape(heads, gh, gw)
             summary[sl] = st["summary"].reshape(gh, gw)
             if qmap is not None and (ty, tx) == q_tile_key:
-                qmap[sl] = st["sca_rows"][q_token].reshape(gh, gw)
+                qmap[(slice(None), *sl)] = st["sca_rows"][:, q_token].reshape(heads, gh, gw)
+        received, qmap = received[:, :ch, :cw], None if qmap is None else qmap[:, :ch, :cw]
         cca = np.mean([m["stages"][s]["cca"] for m in per_tile.values()], axis=0)
         weights = np.mean([m["stages"][s]["weights"] for m in per_tile.values()], axis=0)
         stages.append(StageAttention(
-            stage=s, channels=info["channels"], received=received[:ch, :cw],
+            stage=s, channels=info["channels"], received=received.mean(0),
             channel_summary=summary[:ch, :cw], cca=cca.astype(np.float32),
             channel_weights=weights.astype(np.float32),
-            query_map=None if qmap is None else qmap[:ch, :cw]))
+            query_map=None if qmap is None else qmap.mean(0),
+            received_heads=received, query_map_heads=qmap))
     return AttentionMaps(
         stages=stages, scale=cell, translate=(y0 + (cell[0] - 1) / 2, x0 + (cell[1] - 1) / 2),
         region=(y0, y1, x0, x1), image_shape=(h, w), tile_size=tile, grid=(gh, gw),
@@ -180,8 +195,9 @@ def attention_maps(model: nn.Module, image: Any, card: Any = None, *,
         block=block)
 
 
-def _tile_maps(rec, b: int, block: int) -> dict:
-    """Per-stage numpy summaries of one tile (batch index b) of one DCAAttention record."""
+def _tile_maps(rec, b: int, block: int, keep_rows: bool = False) -> dict:
+    """Per-stage numpy summaries of one tile (batch index b) of one DCAAttention record; with
+    keep_rows, also the full per-head SCA maps (heads, N, N) for reading a query's row."""
     features = list(rec.features)
     total = sum(features)
     offsets = np.cumsum([0] + features)
@@ -189,13 +205,15 @@ def _tile_maps(rec, b: int, block: int) -> dict:
     for s, c_i in enumerate(features):
         info: dict[str, Any] = {"channels": c_i}
         if rec.sca:
-            sca = rec.sca[block][s][b].float().mean(0).cpu().numpy()       # (N, N), rows sum to 1
-            info["sca_rows"] = sca
-            info["received"] = sca.mean(0)
+            sca = rec.sca[block][s][b].float()                              # (heads, N, N), rows sum to 1
+            info["received"] = sca.mean(1).cpu().numpy()                    # (heads, N)
+            if keep_rows:
+                info["sca_rows"] = sca.cpu().numpy()
         else:  # spatial attention switched off in this model
             n = rec.grid[0] * rec.grid[1]
-            info["sca_rows"] = np.full((n, n), 1.0 / n, np.float32)
-            info["received"] = np.full(n, 1.0 / n, np.float32)
+            info["received"] = np.full((1, n), 1.0 / n, np.float32)
+            if keep_rows:
+                info["sca_rows"] = np.full((1, n, n), 1.0 / n, np.float32)
         if rec.cca:
             cca = rec.cca[block][s][b].float().cpu().numpy()                # (h, C_i/h, C/h)
             # Column j of head k is concatenated channel k * (C/h) + j.

@@ -44,6 +44,15 @@ def test_query_map_is_the_sca_row_of_the_query_token(model):
         model(torch.from_numpy(prepare(img, 3, None))[None])
     expected = rec[0].sca[-1][0][0].mean(0)[4 * 8 + 1].reshape(8, 8).numpy()
     np.testing.assert_allclose(r.stages[0].query_map, expected, atol=1e-5)
+    # One SCA head at a time: its own row, summing to one; the mean of heads is the map above.
+    st = r.stages[0]
+    assert st.query_map_heads.shape == st.received_heads.shape == (4, 8, 8)
+    for h in range(4):
+        row = rec[0].sca[-1][0][0][h][4 * 8 + 1].reshape(8, 8).numpy()
+        np.testing.assert_allclose(st.sca_map("query", h), row, atol=1e-5)
+        assert st.sca_map("received", h).sum() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(st.sca_map("query", -1), st.query_map)
+    np.testing.assert_allclose(st.query_map_heads.mean(0), st.query_map, atol=1e-6)
 
 
 def test_big_image_maps_are_stitched_across_tiles(model):

@@ -1,6 +1,7 @@
 """Attention widget: what the DCA module looks at, as overlays on the image.
 
-- "where the query looks (SCA)": the spatial cross-attention row of the clicked token (head mean);
+- "where the query looks (SCA)": the spatial cross-attention row of the clicked token (mean of
+  heads, or the head chosen);
 - "attention received (SCA)": how much every location is attended to, per stage;
 - "channel emphasis (CCA)": the stage's refined tokens weighted by the channel attention they get;
   the CCA channel matrix itself is drawn below, with a colour bar for the overlay.
@@ -104,7 +105,8 @@ class AttentionWidget(QWidget):
             self.kind.addItem(label, key)
         self.stage = QComboBox()
         self.head = QComboBox()
-        self.head.setToolTip("Head of the CCA matrix; spatial maps are averaged over heads")
+        self.head.setToolTip("Attention head: spatial (SCA) maps and the channel (CCA) matrix; "
+                             "a model with fewer CCA heads shows its last one")
         self.pick = QCheckBox("Click on the image to set the query")
         self.pick.setChecked(True)
         self.follow = QCheckBox("Follow the mouse")
@@ -154,7 +156,9 @@ class AttentionWidget(QWidget):
             heads = 1
             block = dca.blocks[0] if len(dca.blocks) else None
             if block is not None and getattr(block, "channel_att", False):
-                heads = max(a.heads for a in block.channel_attn)
+                heads = max(heads, max(a.heads for a in block.channel_attn))
+            if block is not None and getattr(block, "spatial_att", False):
+                heads = max(heads, max(a.heads for a in block.spatial_attn))
             self.head.addItem("mean of heads", -1)
             for h in range(heads):
                 self.head.addItem(f"head {h + 1}", h)
@@ -281,8 +285,9 @@ class AttentionWidget(QWidget):
         kind = self.kind.currentData()
         if kind == "query" and st.query_map is None:
             kind = "received"
-        overlay = {"query": st.query_map, "received": st.received,
-                   "channels": st.channel_summary}[kind]
+        head = self.head.currentData()
+        head = -1 if head is None else int(head)
+        overlay = st.channel_summary if kind == "channels" else st.sca_map(kind, head)
         if kind == "received":
             overlay = overlay * (m.grid[0] * m.grid[1])  # 1 = as much as the average location
         img_scale = np.asarray(image_layer.scale)[-2:]
@@ -305,13 +310,14 @@ class AttentionWidget(QWidget):
         layer.metadata[OWNER_KEY]["map"] = kind
         layer.metadata[OWNER_KEY]["stage"] = stage_idx
         self._show_query(image_layer)
-        head = self.head.currentData()
-        cca = st.cca.mean(0) if head in (None, -1) else st.cca[min(int(head), st.cca.shape[0] - 1)]
+        cca_head = min(head, st.cca.shape[0] - 1)
+        cca = st.cca.mean(0) if head < 0 else st.cca[cca_head]
+        head_label = "mean of heads" if head < 0 else f"head {cca_head + 1}"
         features = tuple(s.channels for s in m.stages)
         label = {"query": "attention from the query (fraction)",
                  "received": "attention received (1 = average)",
                  "channels": "channel-weighted response"}[kind]
-        self.plot.show(overlay, label, cca, features, stage_idx, self.head.currentText())
+        self.plot.show(overlay, label, cca, features, stage_idx, head_label)
         y0, y1, x0, x1 = m.region
         where = f"query (y {m.query[0]}, x {m.query[1]})" if m.query else "no query"
         self.summary.setText(f"{MAPS[kind]}, stage {stage_idx + 1}: region y {y0}-{y1}, x {x0}-{x1} "

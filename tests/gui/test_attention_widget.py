@@ -48,6 +48,25 @@ def test_attention_layers_have_the_image_extent(make_napari_viewer, tiny_checkpo
             assert att[0].blending == "additive"
 
 
+def test_head_choice_shows_that_spatial_head(make_napari_viewer, tiny_checkpoint, small_image,
+                                             wait_for, messages):
+    viewer, image, widget = _viewer_with_model(make_napari_viewer, tiny_checkpoint, small_image)
+    widget.visible_only.setChecked(True)
+    widget.run(query=(40.0, 70.0))
+    wait_for(widget)
+    assert not errors(messages), messages
+    assert widget.head.count() == 1 + 4  # mean + the 4 SCA heads of the paper configuration
+    widget.kind.setCurrentIndex(widget.kind.findData("query"))
+    widget.stage.setCurrentIndex(0)
+    st = widget.maps.stages[0]
+    shown = {}
+    for h in (-1, 0, 3):
+        widget.head.setCurrentIndex(widget.head.findData(h))
+        shown[h] = np.asarray(viewer.layers["he attention"].data).copy()
+        np.testing.assert_allclose(shown[h], st.sca_map("query", h))
+    assert not np.allclose(shown[0], shown[3])  # heads differ; the mean is one map among them
+
+
 def test_clicked_point_sets_the_query_on_the_tile_around_it(make_napari_viewer, tiny_checkpoint,
                                                             wait_for, messages):
     from napari_dca._sample_data import nuclei_sample
