@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .losses import dice_ce_loss
+from .losses import dice_ce_loss, labels_to_target
 from .preprocess import DEFAULT_NORMALIZATION, as_float01, normalize, to_channels
 
 # Parameter-name prefixes of each backbone's encoder (everything that sees the image before the DCA
@@ -120,11 +120,6 @@ def describe_corrections(image: np.ndarray, labels: np.ndarray, valid: np.ndarra
             "objects": int(np.count_nonzero(objects))}
 
 
-def _target(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Instance ids -> foreground for binary models; class ids kept for multi-class models."""
-    return (labels > 0).astype(np.int64) if num_classes == 1 else labels.astype(np.int64)
-
-
 class CorrectionSampler:
     """Random crops (crop_h, crop_w) of the corrected image that contain reviewed pixels, with random
     flips and 90-degree rotations applied to image, target and valid mask alike. The crop positions
@@ -136,7 +131,7 @@ class CorrectionSampler:
                  in_channels: int, num_classes: int, normalization=None):
         x = normalize(as_float01(to_channels(image, in_channels)), normalization or DEFAULT_NORMALIZATION)
         self.x = x                                   # (C, H, W) float32
-        self.target = _target(labels, num_classes)   # (H, W)
+        self.target = labels_to_target(labels, num_classes)   # (H, W)
         self.valid = valid
         h, w = valid.shape
         self.crop = (min(tile_size, h), min(tile_size, w))

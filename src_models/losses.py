@@ -1,8 +1,14 @@
 """Dice + cross-entropy, optionally restricted to valid pixels (a pathologist's reviewed region)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def labels_to_target(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Instance ids -> foreground (0/1) for binary models; class ids kept for multi-class models."""
+    return (labels > 0).astype(np.int64) if num_classes == 1 else labels.astype(np.int64)
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, valid_mask: torch.Tensor | None = None,

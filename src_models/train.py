@@ -20,8 +20,10 @@ import torch
 from .augment import AugmentConfig, colour, geometric, random_crop
 from .checkpoints import ModelCard, card_for, save_checkpoint
 from .data import Sample, load_samples, split_names
-from .losses import dice_ce_loss
-from .preprocess import DEFAULT_NORMALIZATION, as_float01, normalize, prepare
+from .inference import predict, select_device
+from .instances import foreground_probability
+from .losses import dice_ce_loss, labels_to_target
+from .preprocess import DEFAULT_NORMALIZATION, as_float01, normalize
 from .registry import build_model
 
 # Per-task defaults for turning probabilities into objects (see instances.py).
@@ -66,21 +68,6 @@ class TrainConfig:
     trained_on: str = ""
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _binary_target(mask: np.ndarray, num_classes: int) -> np.ndarray:
-    """Instance ids -> foreground (binary models); class ids are kept for multi-class models."""
-    return (mask > 0).astype(np.int64) if num_classes == 1 else mask.astype(np.int64)
-
-
 class TileSampler:
     """Draws augmented (image, target) batches from in-memory samples, images chosen by area."""
 
@@ -114,35 +101,19 @@ class TileSampler:
             img01 = colour(as_float01(img), self.aug, rng)
             xs.append(normalize(img01 if self.in_channels == 3 else img01.mean(-1, keepdims=True),
                                 DEFAULT_NORMALIZATION))
-            ys.append(_binary_target(msk, self.num_classes))
+            ys.append(labels_to_target(msk, self.num_classes))
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
 
-@torch.inference_mode()
 def predict_probabilities(model: torch.nn.Module, image: np.ndarray, tile_size: int,
                           device: torch.device, normalization=DEFAULT_NORMALIZATION) -> np.ndarray:
-    """Foreground probability (H, W) for validation. Uses the blended tiled inference engine when it
-    is installed beside this module, else plain non-overlapping tiles (the model accepts any size)."""
-    try:
-        from .inference import predict  # the full engine (blending, TTA, devices)
-    except ImportError:
-        predict = None
-    if predict is not None:
-        card = ModelCard(architecture=getattr(model, "registry_name", "unet"),
-                         model_kwargs=dict(getattr(model, "config", {})),
-                         normalization=dict(normalization), tile_size=tile_size)
-        prob = predict(model, image, card, device=str(device))
-        return prob if prob.ndim == 2 else prob[1:].sum(0)
-    in_ch = model.config.get("in_channels", 3)
-    x = torch.from_numpy(prepare(image, in_ch, normalization))[None].to(device)
-    h, w = x.shape[-2:]
-    out = np.zeros((h, w), np.float32)
-    for y0 in range(0, h, tile_size):
-        for x0 in range(0, w, tile_size):
-            logits = model(x[..., y0:y0 + tile_size, x0:x0 + tile_size]).float()
-            p = torch.sigmoid(logits[0, 0]) if logits.shape[1] == 1 else 1 - torch.softmax(logits[0], 0)[0]
-            out[y0:y0 + tile_size, x0:x0 + tile_size] = p.cpu().numpy()
-    return out
+    """Foreground probability (H, W) for validation, through the same tiled, blended inference the
+    plugin and `napari-dca segment` use."""
+    card = ModelCard(architecture=getattr(model, "registry_name", "unet"),
+                     model_kwargs=dict(getattr(model, "config", {})),
+                     normalization=dict(normalization), tile_size=tile_size)
+    prob = predict(model, image, card, device=str(device))
+    return foreground_probability(prob, multiclass=prob.ndim == 3)
 
 
 def validate(model: torch.nn.Module, samples: list[Sample], cfg: TrainConfig, device: torch.device,
@@ -179,7 +150,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    device = pick_device(cfg.device)
+    device = select_device(cfg.device)
     root = Path(cfg.data)
     train_names, val_names = split_names(root)
     train_samples, val_samples = load_samples(root, train_names), load_samples(root, val_names)
