@@ -35,6 +35,16 @@ def skip_dca(features: list[int], patch_size: int, **dca_kwargs) -> DCA:
 CONV_BLOCK_PART = {"conv": "0", "norm": "1"}
 
 
+def aspp_key_rules(ref: str, ours: str, branches: int) -> list[tuple[str, Callable[[re.Match], str]]]:
+    """Reference ASPP (`block1..N` + `out`, each a conv_block) -> our ASPP (`branches.i` + `project`)."""
+    part = CONV_BLOCK_PART
+    return [
+        (ref + rf"\.block([1-{branches}])\.(conv|norm)\.(.+)",
+         lambda m: f"{ours}.branches.{int(m[1]) - 1}.{part[m[2]]}.{m[3]}"),
+        (ref + r"\.out\.(conv|norm)\.(.+)", lambda m: f"{ours}.project.{part[m[1]]}.{m[2]}"),
+    ]
+
+
 def key_mapper(rules: list[tuple[str, Callable[[re.Match], str]]]) -> Callable[[str], str | None]:
     """Build a name converter from (regex, match -> our name) rules; reference DCA keys are shared."""
     compiled = [(re.compile(p), f) for p, f in rules]

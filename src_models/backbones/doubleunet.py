@@ -22,7 +22,7 @@ from ..base import SegmentationNet
 from ..blocks import ASPP, BNReLU, DoubleConv, SqueezeExcite, VGG19Features, upsample_to
 from ..dca import official_dca_key
 from ..registry import register
-from .common import CONV_BLOCK_PART, key_mapper, skip_dca
+from .common import CONV_BLOCK_PART, aspp_key_rules, key_mapper, skip_dca
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,15 +77,6 @@ def _stage_rules(ref: str, ours):
     ]
 
 
-def _aspp_rules(ref: str, ours: str):
-    part = CONV_BLOCK_PART
-    return [
-        (ref + r"\.block([1-5])\.(conv|norm)\.(.+)",
-         lambda m: f"{ours}.branches.{int(m[1]) - 1}.{part[m[2]]}.{m[3]}"),
-        (ref + r"\.out\.(conv|norm)\.(.+)", lambda m: f"{ours}.project.{part[m[1]]}.{m[2]}"),
-    ]
-
-
 def _official_doubleunet_rules():
     base = key_mapper(
         [(r"vgg([1-5])\.(\d+)\.(.+)",
@@ -95,7 +86,7 @@ def _official_doubleunet_rules():
         + _stage_rules(r"decode([1-4])", lambda m: f"decoder1.{int(m[1]) - 1}.block")
         + _stage_rules(r"encode2_([1-4])", lambda m: f"encoder2.{int(m[1]) - 1}")
         + _stage_rules(r"decode2_([1-4])", lambda m: f"decoder2.{int(m[1]) - 1}.block")
-        + _aspp_rules(r"aspp_1", "bridge1") + _aspp_rules(r"aspp_2", "bridge2"))
+        + aspp_key_rules(r"aspp_1", "bridge1", 5) + aspp_key_rules(r"aspp_2", "bridge2", 5))
 
     def convert(key: str) -> str | None:
         for prefix, ours in (("DCA_vgg1.", "dca_encoder1.0."), ("DCA_vgg2.", "dca_encoder1.1.")):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..base import SegmentationNet
 from ..blocks import ASPP, AttentionGate, ConvNormAct, PreActResidual, SqueezeExcite
 from ..registry import register
-from .common import CONV_BLOCK_PART, key_mapper, skip_dca
+from .common import CONV_BLOCK_PART, aspp_key_rules, key_mapper, skip_dca
 
 
 class SEResidualDown(nn.Module):
@@ -56,15 +56,6 @@ def _preact_rules(ref: str, ours):
     ]
 
 
-def _aspp_rules(ref: str, ours: str):
-    part = CONV_BLOCK_PART
-    return [
-        (ref + r"\.block([1-4])\.(conv|norm)\.(.+)",
-         lambda m: f"{ours}.branches.{int(m[1]) - 1}.{part[m[2]]}.{m[3]}"),
-        (ref + r"\.out\.(conv|norm)\.(.+)", lambda m: f"{ours}.project.{part[m[1]]}.{m[2]}"),
-    ]
-
-
 # Reference attention-block parts -> (our path, index). Its norms are registered twice (as normN
 # and as the first module of each path), so both names map to the same tensor of ours.
 _GATE_PARTS = {"norm1": ("skip_path", "0"), "norm2": ("x_path", "0"), "norm3": ("score", "0"),
@@ -85,7 +76,7 @@ def _official_resunetpp_rules():
           lambda m: f"decoder.{int(m[1]) - 1}.gate.{'.'.join(_GATE_PARTS[m[2]])}.{m[3]}")]
         + _preact_rules(r"residual_conv([1-3])", lambda m: f"encoder.{int(m[1]) - 1}.res")
         + _preact_rules(r"up_residual_conv([1-3])", lambda m: f"decoder.{int(m[1]) - 1}.res")
-        + _aspp_rules(r"aspp_bridge", "bridge") + _aspp_rules(r"aspp_out", "head_aspp")
+        + aspp_key_rules(r"aspp_bridge", "bridge", 4) + aspp_key_rules(r"aspp_out", "head_aspp", 4)
         + [(r"output_layer\.(.+)", lambda m: f"head.{m[1]}")])
 
 
