@@ -37,6 +37,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from this checkpoint's weights (same architecture and arguments); "
                         "recorded as the new card's parent")
+    p.add_argument("--gap-weight", type=float, default=1.0,
+                   help="cross-entropy weight on background gaps between touching objects, which keeps "
+                        "them apart (U-Net's border weighting; 1 = off, e.g. 5 for glands)")
+    p.add_argument("--gap-radius", type=int, default=6,
+                   help="two objects closer than this many pixels form a gap (default 6)")
     return p
 
 
@@ -49,7 +54,7 @@ def run(args) -> int:
                       batch_size=args.batch, steps=args.steps, lr=args.lr, val_every=args.val_every,
                       patience=args.patience, max_minutes=args.max_minutes, seed=args.seed,
                       threads=args.threads, device=args.device, resume=args.resume,
-                      init=args.init)
+                      init=args.init, gap_weight=args.gap_weight, gap_radius=args.gap_radius)
     summary = train(cfg)
     best = summary["best"]
     print(f"{summary['checkpoint']}: {summary['steps']} steps in {summary['minutes']:.1f} min "

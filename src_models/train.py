@@ -22,7 +22,7 @@ from .checkpoints import ModelCard, card_for, save_checkpoint
 from .data import Sample, load_samples, split_names
 from .inference import predict, select_device
 from .instances import foreground_probability
-from .losses import dice_ce_loss, labels_to_target
+from .losses import dice_ce_loss, labels_to_target, touching_gap_weights
 from .preprocess import DEFAULT_NORMALIZATION, as_float01, normalize
 from .registry import build_model
 
@@ -66,6 +66,8 @@ class TrainConfig:
     augment: dict[str, Any] = field(default_factory=dict)
     instance_params: dict[str, Any] | None = None
     trained_on: str = ""
+    gap_weight: float = 1.0                     # CE weight on gaps between touching instances (1 = off)
+    gap_radius: int = 6                         # pixels: how close two instances must be for a gap
 
 
 class TileSampler:
@@ -88,8 +90,9 @@ class TileSampler:
                                           anti_aliasing=False).astype(s.mask.dtype))
                             for s in samples]
 
-    def batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
+    def batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(images, targets, per-pixel CE weights or None when gap weighting is off)."""
+        xs, ys, ws = [], [], []
         for _ in range(self.cfg.batch_size):
             s = self.samples[rng.choice(len(self.samples), p=self.p)]
             if self.cfg.protocol == "paper":
@@ -102,7 +105,10 @@ class TileSampler:
             xs.append(normalize(img01 if self.in_channels == 3 else img01.mean(-1, keepdims=True),
                                 DEFAULT_NORMALIZATION))
             ys.append(labels_to_target(msk, self.num_classes))
-        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+            if self.cfg.gap_weight != 1.0:
+                ws.append(touching_gap_weights(msk, self.cfg.gap_radius, self.cfg.gap_weight))
+        weights = torch.from_numpy(np.stack(ws)) if ws else None
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)), weights
 
 
 def predict_probabilities(model: torch.nn.Module, image: np.ndarray, tile_size: int,
@@ -225,12 +231,13 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         if cfg.max_minutes is not None and (time.time() - t0) / 60 > cfg.max_minutes:
             stopped = "time budget"
             break
-        x, y = sampler.batch(rng)
+        x, y, w = sampler.batch(rng)
         x, y = x.to(device), y.to(device)
+        w = None if w is None else w.to(device)
         if device.type != "mps":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, enabled=use_amp):
-            loss = dice_ce_loss(model(x).float(), y)
+            loss = dice_ce_loss(model(x).float(), y, pixel_weight=w)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
