@@ -5,7 +5,7 @@ import torch
 
 from src_models.augment import AugmentConfig, geometric, hed_jitter, random_crop
 from src_models.data import load_samples, split_names
-from src_models.losses import dice_ce_loss
+from src_models.losses import dice_ce_loss, touching_gap_weights
 
 
 def _write_dataset(root, n=6, size=72, seed=0):
@@ -88,6 +88,33 @@ def test_loss_ignores_pixels_outside_valid_mask():
     assert logits.grad[..., 4:, :].abs().sum() == 0
 
 
+def test_gap_weights_mark_only_background_between_two_different_objects():
+    labels = np.zeros((20, 40), np.int32)
+    labels[5:15, 2:12] = 1      # 1 and 2 are 3 px apart: a gap
+    labels[5:15, 15:25] = 2
+    labels[5:15, 33:38] = 3     # 3 is 8 px from 2: no gap at radius 3
+    w = touching_gap_weights(labels, radius=3, weight=7.0)
+    assert set(np.unique(w)) == {1.0, 7.0}
+    assert (w[5:15, 12:15] == 7.0).all()               # the gap itself
+    assert (w[labels > 0] == 1.0).all()                # never on objects
+    assert (w[:, 26:] == 1.0).all()                    # around a lone object: nothing
+    assert (touching_gap_weights(np.zeros((8, 8), np.int32)) == 1.0).all()
+
+
+def test_pixel_weight_scales_cross_entropy_only_where_asked():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 1, 8, 8)
+    target = (torch.rand(1, 8, 8) > 0.5).long()
+    ones = torch.ones(1, 8, 8)
+    assert torch.allclose(dice_ce_loss(logits, target, pixel_weight=ones), dice_ce_loss(logits, target))
+    heavier = ones.clone()
+    heavier[0, 0, 0] = 10.0
+    ce_only = dict(dice_weight=0.0)
+    ce_pixel = torch.nn.functional.binary_cross_entropy_with_logits(logits[0, 0, 0, 0], target[0, 0, 0].float())
+    diff = dice_ce_loss(logits, target, pixel_weight=heavier, **ce_only) - dice_ce_loss(logits, target, **ce_only)
+    assert torch.allclose(diff, 9.0 * ce_pixel / 64)
+
+
 def test_multiclass_loss_is_finite_and_lower_for_right_answer():
     target = torch.randint(0, 3, (2, 8, 8))
     good = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 10
@@ -120,5 +147,10 @@ def test_train_writes_best_checkpoint_with_complete_card_and_resumes(tmp_path):
                           "val_every": 1, "init": str(tmp_path / "m.safetensors")})
     train(cfg3)
     assert load_checkpoint(tmp_path / "child.safetensors")[1].parent == "m.safetensors"
+    # Gap weighting (for touching objects) trains too, and is recorded in the card.
+    cfg4 = TrainConfig(**{**cfg2.__dict__, "out": str(tmp_path / "gap.safetensors"), "steps": 1,
+                          "val_every": 1, "gap_weight": 5.0, "gap_radius": 2})
+    train(cfg4)
+    assert load_checkpoint(tmp_path / "gap.safetensors")[1].training["gap_weight"] == 5.0
     with pytest.raises(ValueError, match="not the requested"):
         train(TrainConfig(**{**cfg3.__dict__, "model_kwargs": {"dca": False, "width": 0.125}}))
