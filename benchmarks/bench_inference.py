@@ -6,6 +6,7 @@ Rows:
 - default model (bundled "nuclei" checkpoint, else U-Net width 0.25 with DCA), 2048x2048: MP/s
 - paper-configuration DCA-U-Net (build_model("unet"), tiles of 224 as trained in the paper), 2048x2048,
   with the default 25 % overlap and without overlap (each pixel through the network once)
+- the same U-Net without DCA, without overlap: the backbone's own cost, a ceiling for the DCA row
 - default model, 1000x1000: seconds
 - default model, 8192x8192 read lazily from a zarr store, output into a zarr store: peak RSS of a
   fresh process (resource.getrusage), measured in a subprocess
@@ -154,6 +155,13 @@ def main() -> None:
     # on each 224 x 224 tile: the like-for-like comparison with its 0.18 MP/s.
     rows.append((f"paper-config DCA-U-Net, {size}x{size}, tiles without overlap",
                  rate(size * size, time_predict(paper, paper_card, big, overlap=0.0)), ">= 0.36 MP/s"))
+    # The same U-Net without DCA through the same path: the convolutions that any implementation of
+    # DCA-U-Net has to compute, so a ceiling for the DCA row (same outputs, float32).
+    torch.manual_seed(0)
+    plain = build_model("unet", dca=False).eval()
+    rows.append((f"paper-config U-Net WITHOUT DCA ({describe(plain, paper_card)}), {size}x{size}, "
+                 "tiles without overlap (ceiling for the row above)",
+                 rate(size * size, time_predict(plain, paper_card, big, overlap=0.0)), "-"))
 
     if not args.skip_rss:
         res = subprocess.run([sys.executable, __file__, "--rss-child", str(args.rss_size),
