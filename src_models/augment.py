@@ -47,14 +47,23 @@ def random_crop(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.G
     return img, msk
 
 
-def geometric(image: np.ndarray, mask: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator):
-    if cfg.flips and rng.random() < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    if cfg.flips and rng.random() < 0.5:
-        image, mask = image[::-1], mask[::-1]
-    if cfg.rot90:
+def flip_rot90(rng: np.random.Generator, arrays, axes, flips: bool = True, rot90: bool = True) -> list:
+    """The same random left-right / up-down flips and 90-degree rotation for several arrays (an
+    image and its masks), exact; axes[i] = (row axis, column axis) of arrays[i]. Returns views."""
+    out = list(arrays)
+    if flips and rng.random() < 0.5:
+        out = [np.flip(a, ax[1]) for a, ax in zip(out, axes)]
+    if flips and rng.random() < 0.5:
+        out = [np.flip(a, ax[0]) for a, ax in zip(out, axes)]
+    if rot90:
         k = int(rng.integers(0, 4))
-        image, mask = np.rot90(image, k), np.rot90(mask, k)
+        out = [np.rot90(a, k, axes=ax) for a, ax in zip(out, axes)]
+    return out
+
+
+def geometric(image: np.ndarray, mask: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator):
+    """image (H, W, C), mask (H, W): exact flips / rotations, then sometimes a small rotation."""
+    image, mask = flip_rot90(rng, (image, mask), ((0, 1), (0, 1)), cfg.flips, cfg.rot90)
     if cfg.affine_p and rng.random() < cfg.affine_p:
         from scipy import ndimage
         angle = rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .augment import flip_rot90
 from .losses import dice_ce_loss, labels_to_target
 from .preprocess import DEFAULT_NORMALIZATION, as_float01, normalize, to_channels
 
@@ -153,22 +154,12 @@ class CorrectionSampler:
             y0, x0 = self._window(rng)
             sl = (slice(y0, y0 + ch), slice(x0, x0 + cw))
             x, t, v = self.x[(slice(None),) + sl], self.target[sl], self.valid[sl]
-            x, t, v = _flip_rot(rng, x, t, v, square=ch == cw)
+            # Non-square crops are not rotated: they would change shape within a batch.
+            x, t, v = (np.ascontiguousarray(a) for a in
+                       flip_rot90(rng, (x, t, v), ((1, 2), (0, 1), (0, 1)), rot90=ch == cw))
             xs.append(x), ts.append(t), vs.append(v)
         return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ts)),
                 torch.from_numpy(np.stack(vs)))
-
-
-def _flip_rot(rng: np.random.Generator, x: np.ndarray, t: np.ndarray, v: np.ndarray, square: bool):
-    """x (C, h, w), t and v (h, w): the same exact flip / rotation for all three."""
-    if rng.random() < 0.5:
-        x, t, v = x[:, :, ::-1], t[:, ::-1], v[:, ::-1]
-    if rng.random() < 0.5:
-        x, t, v = x[:, ::-1], t[::-1], v[::-1]
-    k = int(rng.integers(0, 4)) if square else 0  # non-square crops would change shape in a batch
-    if k:
-        x, t, v = np.rot90(x, k, axes=(1, 2)), np.rot90(t, k), np.rot90(v, k)
-    return np.ascontiguousarray(x), np.ascontiguousarray(t), np.ascontiguousarray(v)
 
 
 class ReplaySampler:
