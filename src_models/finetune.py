@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .augment import flip_rot90
-from .losses import dice_ce_loss, labels_to_target
+from .losses import dice_ce_loss, labels_to_target, touching_gap_weights
 from .preprocess import DEFAULT_NORMALIZATION, as_float01, normalize, to_channels
 
 # Parameter-name prefixes of each backbone's encoder (everything that sees the image before the DCA
@@ -126,13 +126,19 @@ class CorrectionSampler:
     flips and 90-degree rotations applied to image, target and valid mask alike. The crop positions
     depend only on the seed and the region, never on the labels.
 
-    batch(rng, n) -> x (n, C, h, w) float32, target (n, h, w) int64, valid (n, h, w) bool."""
+    batch(rng, n) -> x (n, C, h, w) float32, target (n, h, w) int64, valid (n, h, w) bool,
+    weight (n, h, w) float32: the loss weight of each pixel (`touching_gap_weights`; all ones when
+    gap_weight is 1)."""
 
     def __init__(self, image: np.ndarray, labels: np.ndarray, valid: np.ndarray, tile_size: int,
-                 in_channels: int, num_classes: int, normalization=None):
+                 in_channels: int, num_classes: int, normalization=None, gap_weight: float = 1.0,
+                 gap_radius: int = 6):
         x = normalize(as_float01(to_channels(image, in_channels)), normalization or DEFAULT_NORMALIZATION)
         self.x = x                                   # (C, H, W) float32
         self.target = labels_to_target(labels, num_classes)   # (H, W)
+        # Only reviewed labels may shape the loss, weights included.
+        self.weight = (touching_gap_weights(np.where(valid, labels, 0), gap_radius, gap_weight)
+                       if gap_weight != 1.0 else np.ones(labels.shape, np.float32))
         self.valid = valid
         h, w = valid.shape
         self.crop = (min(tile_size, h), min(tile_size, w))
@@ -148,18 +154,16 @@ class CorrectionSampler:
         return int(y0), int(x0)
 
     def batch(self, rng: np.random.Generator, n: int):
-        xs, ts, vs = [], [], []
+        crops = []
         ch, cw = self.crop
         for _ in range(n):
             y0, x0 = self._window(rng)
             sl = (slice(y0, y0 + ch), slice(x0, x0 + cw))
-            x, t, v = self.x[(slice(None),) + sl], self.target[sl], self.valid[sl]
+            arrays = (self.x[(slice(None),) + sl], self.target[sl], self.valid[sl], self.weight[sl])
             # Non-square crops are not rotated: they would change shape within a batch.
-            x, t, v = (np.ascontiguousarray(a) for a in
-                       flip_rot90(rng, (x, t, v), ((1, 2), (0, 1), (0, 1)), rot90=ch == cw))
-            xs.append(x), ts.append(t), vs.append(v)
-        return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ts)),
-                torch.from_numpy(np.stack(vs)))
+            crops.append([np.ascontiguousarray(a) for a in
+                          flip_rot90(rng, arrays, ((1, 2), (0, 1), (0, 1), (0, 1)), rot90=ch == cw)])
+        return tuple(torch.from_numpy(np.stack(parts)) for parts in zip(*crops))
 
 
 class ReplaySampler:
@@ -167,7 +171,7 @@ class ReplaySampler:
     valid, cut at the same crop size as the corrections so both stack into one batch."""
 
     def __init__(self, samples, crop: tuple[int, int], in_channels: int, num_classes: int,
-                 normalization=None):
+                 normalization=None, gap_weight: float = 1.0, gap_radius: int = 6):
         self.items = []
         for s in samples:
             image, mask = (s.image, s.mask) if hasattr(s, "image") else s
@@ -175,7 +179,8 @@ class ReplaySampler:
             if h < crop[0] or w < crop[1]:
                 continue
             self.items.append(CorrectionSampler(image, mask, np.ones((h, w), bool), max(crop),
-                                                in_channels, num_classes, normalization))
+                                                in_channels, num_classes, normalization, gap_weight,
+                                                gap_radius))
             self.items[-1].crop = crop
         if not self.items:
             raise ValueError(f"no replay image is at least {crop} pixels")
@@ -211,7 +216,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
              replay=None, progress: Callable[[int, int, float], None] | None = None,
              cancel: Callable[[], bool] | None = None, seed: int = 0, batch_size: int = 2,
              replay_per_batch: int = 1, weight_decay: float = 1e-4,
-             max_seconds: float | None = None) -> FinetuneResult:
+             max_seconds: float | None = None, gap_weight: float | None = None) -> FinetuneResult:
     """Train a copy of `model` on corrected labels of one image.
 
     image: (H, W, 3) uint8 / float (or (H, W) gray); labels: (H, W) corrected instance ids
@@ -223,6 +228,9 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     `replay_per_batch` crops join every batch. progress(step, steps, loss) after every step; cancel()
     is checked before every step and stops the round with the weights of the last finished step;
     max_seconds likewise stops it once that much time has passed (a predictable round in the GUI).
+    gap_weight: loss weight on background gaps between touching objects (`touching_gap_weights`),
+    by default what the checkpoint was trained with (its card), else 1 (off): a brush stroke that
+    separates two merged glands is exactly such a gap.
     Raises ValueError, before any training, if the reviewed region holds no labelled pixel."""
     if train not in ("all", "decoder"):
         raise ValueError(f"train must be 'all' or 'decoder', got {train!r}")
@@ -243,9 +251,13 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     in_channels, num_classes = int(cfg.get("in_channels", 3)), int(cfg.get("num_classes", 1))
     normalization = getattr(card, "normalization", None) or DEFAULT_NORMALIZATION
     tile = int(tile_size or getattr(card, "tile_size", None) or 256)
-    sampler = CorrectionSampler(image, labels, valid, tile, in_channels, num_classes, normalization)
-    replayer = (ReplaySampler(replay, sampler.crop, in_channels, num_classes, normalization)
-                if replay else None)
+    trained = getattr(card, "training", None) or {}
+    gap = float(trained.get("gap_weight", 1.0) if gap_weight is None else gap_weight)
+    gap_radius = int(trained.get("gap_radius", 6))
+    sampler = CorrectionSampler(image, labels, valid, tile, in_channels, num_classes, normalization,
+                                gap, gap_radius)
+    replayer = (ReplaySampler(replay, sampler.crop, in_channels, num_classes, normalization, gap,
+                              gap_radius) if replay else None)
 
     new = copy.deepcopy(model)
     device = next(new.parameters()).device
@@ -270,12 +282,11 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
         if max_seconds is not None and time.perf_counter() - t0 >= max_seconds:
             stopped = "time budget"
             break
-        x, t, v = sampler.batch(rng, batch_size)
+        parts = sampler.batch(rng, batch_size)
         if replayer is not None and replay_per_batch > 0:
-            rx, rt, rv = replayer.batch(rng, replay_per_batch)
-            x, t, v = torch.cat([x, rx]), torch.cat([t, rt]), torch.cat([v, rv])
-        x, t, v = x.to(device), t.to(device), v.to(device)
-        loss = dice_ce_loss(new(x), t, v)
+            parts = [torch.cat(pair) for pair in zip(parts, replayer.batch(rng, replay_per_batch))]
+        x, t, v, w = (a.to(device) for a in parts)
+        loss = dice_ce_loss(new(x), t, v, pixel_weight=w)
         value = float(loss.detach())
         if not math.isfinite(value):
             stopped = "non-finite loss"  # keep the weights of the last finished step
@@ -291,7 +302,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     new.eval()
     steps_done = len(history)
     corrections.update({"steps": steps_done, "lr": lr, "train": train, "tile_size": tile,
-                        "batch_size": batch_size, "seed": seed,
+                        "batch_size": batch_size, "seed": seed, "gap_weight": gap,
                         "replay_images": len(replayer.items) if replayer is not None else 0,
                         "final_loss": history[-1] if history else None, "stopped": stopped})
     return FinetuneResult(model=new, loss_history=history, steps_done=steps_done, steps_requested=steps,

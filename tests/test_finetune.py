@@ -7,6 +7,7 @@ import torch
 from src_models import build_model
 from src_models.finetune import (CorrectionSampler, FinetuneResult, encoder_prefixes, finetune,
                                  region_mask)
+from src_models.checkpoints import ModelCard
 from src_models.losses import dice_ce_loss
 
 torch.set_num_threads(1)
@@ -86,7 +87,8 @@ def test_time_budget_stops_the_round(tiny):
     assert res.steps_done == 0 and res.stopped == "time budget" and not res.cancelled
 
 
-def test_labels_outside_region_do_not_contribute(tiny):
+@pytest.mark.parametrize("gap_weight", [1.0, 5.0])
+def test_labels_outside_region_do_not_contribute(tiny, gap_weight):
     # Same seed and region -> same crops; labels differ only outside the region. The loss and every
     # gradient must be identical, and so must the fine-tuned weights.
     image, labels = toy_image()
@@ -97,20 +99,20 @@ def test_labels_outside_region_do_not_contribute(tiny):
     other[40:60, 40:60] = 99
     grads = []
     for lab in (labels, other):
-        sampler = CorrectionSampler(image, lab, region, TILE, 3, 1)
-        x, t, v = sampler.batch(np.random.default_rng(0), 2)
+        sampler = CorrectionSampler(image, lab, region, TILE, 3, 1, gap_weight=gap_weight)
+        x, t, v, w = sampler.batch(np.random.default_rng(0), 2)
         assert v.float().mean() < 1  # crops reach outside the region, so the test can fail
         model = build_model("unet", width=0.125)
         model.load_state_dict(tiny.state_dict())
         model.eval()
-        loss = dice_ce_loss(model(x), t, v)
+        loss = dice_ce_loss(model(x), t, v, pixel_weight=w)
         loss.backward()
         grads.append((float(loss.detach()), [p.grad.clone() for p in model.parameters()]))
     assert grads[0][0] == grads[1][0]
     for g0, g1 in zip(grads[0][1], grads[1][1]):
         assert torch.equal(g0, g1)
-    a = finetune(tiny, image, labels, region=region, steps=2, tile_size=TILE)
-    b = finetune(tiny, image, other, region=region, steps=2, tile_size=TILE)
+    a = finetune(tiny, image, labels, region=region, steps=2, tile_size=TILE, gap_weight=gap_weight)
+    b = finetune(tiny, image, other, region=region, steps=2, tile_size=TILE, gap_weight=gap_weight)
     for (k, v), (_, w) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(v, w), k
     # ... and labels inside the region do matter
@@ -169,6 +171,20 @@ def test_empty_or_background_only_corrections_raise(tiny):
         finetune(tiny, image, labels, region=np.zeros(labels.shape, bool), steps=1, tile_size=TILE)
     with pytest.raises(ValueError, match="match"):
         finetune(tiny, image, labels[:10], steps=1, tile_size=TILE)
+
+
+def test_gap_weight_comes_from_the_card_and_weights_the_gaps(tiny):
+    image = np.full((64, 64, 3), 220, np.uint8)
+    labels = np.zeros((64, 64), np.int32)
+    labels[10:50, 8:30], labels[10:50, 33:56] = 1, 2          # two objects 3 px apart
+    image[labels > 0] = (120, 60, 160)
+    sampler = CorrectionSampler(image, labels, np.ones((64, 64), bool), 64, 3, 1, gap_weight=4.0)
+    w = sampler.batch(np.random.default_rng(0), 1)[3]
+    assert w.max() == 4.0 and (w == 4.0).sum() >= 3 * 40    # the 3-px gap along 40 rows
+    card = ModelCard(architecture="unet", model_kwargs={}, training={"gap_weight": 3.0})
+    res = finetune(tiny, image, labels, steps=1, tile_size=64, card=card)
+    assert res.corrections["gap_weight"] == 3.0
+    assert finetune(tiny, image, labels, steps=1, tile_size=64).corrections["gap_weight"] == 1.0
 
 
 def test_replay_tiles_join_the_batch_and_card_records_the_round(tiny):
