@@ -7,6 +7,8 @@ Rows:
 - paper-configuration DCA-U-Net (build_model("unet"), tiles of 224 as trained in the paper), 2048x2048,
   with the default 25 % overlap and without overlap (each pixel through the network once)
 - the same U-Net without DCA, without overlap: the backbone's own cost, a ceiling for the DCA row
+  (both with their FLOPs per tile and the GFLOP/s per thread that the timing means)
+- a 2048x2048 float32 matmul on one thread: what this CPU's arithmetic reaches, for comparison
 - default model, 1000x1000: seconds
 - default model, 8192x8192 read lazily from a zarr store, output into a zarr store: peak RSS of a
   fresh process (resource.getrusage), measured in a subprocess
@@ -85,6 +87,35 @@ def time_predict(model, card, image, repeats: int = 1, **kw) -> tuple[float, flo
     return best
 
 
+def gflops(model, tiles: int, cpu_seconds: float, threads: int, tile: int = 224) -> str:
+    """', F GFLOP per tile, R GFLOP/s per thread': torch's FLOP counter on one tile (a multiply-add
+    is 2 FLOPs), times the tiles, over the CPU time of all threads (cpu_seconds is per thread)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(torch.zeros(1, 3, tile, tile))
+    per_tile = counter.get_total_flops()
+    return (f", {per_tile / 1e9:.1f} GFLOP per tile, "
+            f"{per_tile * tiles / (cpu_seconds * threads) / 1e9:.0f} GFLOP/s per thread of CPU time")
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best single-thread GFLOP/s of an n x n float32 matmul: a practical peak for this CPU."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.thread_time()
+        a @ b
+        best = min(best, time.thread_time() - t)
+    torch.set_num_threads(threads)
+    return 2 * n ** 3 / best / 1e9
+
+
 def rss_child(size: int, threads: int) -> None:
     """Run in a subprocess: 8192^2 lazy zarr input -> zarr output; print peak RSS (MB) as JSON."""
     import resource
@@ -152,16 +183,24 @@ def main() -> None:
     rows.append((f"paper-config DCA-U-Net ({describe(paper, paper_card)}), {size}x{size}",
                  rate(size * size, time_predict(paper, paper_card, big)), ">= 0.36 MP/s"))
     # Without overlap every pixel goes through the network once, as when the official code is run
-    # on each 224 x 224 tile: the like-for-like comparison with its 0.18 MP/s.
+    # on each 224 x 224 tile: the like-for-like comparison with its 0.18 MP/s. Also printed: the
+    # arithmetic rate this means (model FLOPs per tile x tiles / CPU time) per thread, against
+    # which the CPU's float32 peak can be set.
+    tiles = -(-size // 224) ** 2
+    seconds = time_predict(paper, paper_card, big, overlap=0.0)
     rows.append((f"paper-config DCA-U-Net, {size}x{size}, tiles without overlap",
-                 rate(size * size, time_predict(paper, paper_card, big, overlap=0.0)), ">= 0.36 MP/s"))
+                 rate(size * size, seconds) + gflops(paper, tiles, seconds[1], args.threads), ">= 0.36 MP/s"))
     # The same U-Net without DCA through the same path: the convolutions that any implementation of
     # DCA-U-Net has to compute, so a ceiling for the DCA row (same outputs, float32).
     torch.manual_seed(0)
     plain = build_model("unet", dca=False).eval()
+    seconds = time_predict(plain, paper_card, big, overlap=0.0)
     rows.append((f"paper-config U-Net WITHOUT DCA ({describe(plain, paper_card)}), {size}x{size}, "
                  "tiles without overlap (ceiling for the row above)",
-                 rate(size * size, time_predict(plain, paper_card, big, overlap=0.0)), "-"))
+                 rate(size * size, seconds) + gflops(plain, tiles, seconds[1], args.threads), "-"))
+
+    rows.append(("float32 matrix multiply 2048x2048, 1 thread (what this CPU's arithmetic reaches)",
+                 f"{matmul_gflops():.0f} GFLOP/s", "-"))
 
     if not args.skip_rss:
         res = subprocess.run([sys.executable, __file__, "--rss-child", str(args.rss_size),
