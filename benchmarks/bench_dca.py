@@ -4,10 +4,10 @@ Times inference forward (eval, no grad) and one training step (forward, BCE loss
 step) at 224 x 224, batch 4, 2 CPU threads. Variants run interleaved, round after round, and the
 table reports medians, so load from other processes hits all variants alike.
 
-Variants: U-Net; U-Net + DCA as shipped (spatial attention an explicit softmax, channel attention
-torch's fused kernel); U-Net + DCA as first released (spatial attention through the fused kernel
-with V zero-padded); U-Net + DCA with every attention an explicit softmax that also scales the
-map (as a straightforward implementation computes it).
+Variants: U-Net; U-Net + DCA as shipped (torch's fused attention kernel; spatial attention's V
+zero-padded to Q's head size); U-Net + DCA with every attention an explicit softmax (materialised
+maps, as a straightforward implementation computes them); and the spatial attention products
+alone, a lower bound for any implementation.
 
     python benchmarks/bench_dca.py [--repeats 7] [--size 224] [--batch 4] [--profile]
     python benchmarks/bench_dca.py --threads 1 --clock thread   # CPU time: robust on a busy machine
@@ -36,17 +36,14 @@ def explicit_attend(q, k, v, scale, capture):
 
 @contextlib.contextmanager
 def attention_path(kind: str):
-    """'shipped'; 'padded-fused' (v0.1: spatial attention through the fused kernel, V padded); or
-    'explicit' (softmax(QK^T * scale) materialised for every attention)."""
-    saved = dca_module._attend, dca_module.EXPLICIT_MAP_LIMIT
-    if kind == "padded-fused":
-        dca_module.EXPLICIT_MAP_LIMIT = -1
+    """'shipped' or 'explicit' (softmax(QK^T * scale) materialised for every attention)."""
+    saved = dca_module._attend
     if kind == "explicit":
         dca_module._attend = explicit_attend
     try:
         yield
     finally:
-        dca_module._attend, dca_module.EXPLICIT_MAP_LIMIT = saved
+        dca_module._attend = saved
 
 
 CLOCK = time.perf_counter
@@ -131,8 +128,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
     target = (torch.rand(args.batch, 1, args.size, args.size, generator=g) > 0.5).float()
-    variants = [Variant("U-Net", False), Variant("U-Net + DCA (shipped)", True),
-                Variant("U-Net + DCA (v0.1: spatial attention fused, V padded)", True, "padded-fused")]
+    variants = [Variant("U-Net", False), Variant("U-Net + DCA (shipped)", True)]
     if not args.no_explicit:
         variants.append(Variant("U-Net + DCA (explicit softmax everywhere)", True, "explicit"))
     variants.append(AttentionCore(variants[1].model, args.batch, args.size))

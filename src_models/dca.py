@@ -16,9 +16,9 @@ Speed notes (why the code looks like this):
   (B, N, C) tokens (TokenAffine) instead of reshaping to images and back around each conv.
 - The output 1x1 conv commutes with bilinear upsampling (both linear, interpolation weights sum to
   one), so it runs on the N tokens rather than on the full-resolution skip.
-- Channel attention uses torch's fused scaled_dot_product_attention. Spatial attention, whose V is
-  narrower than Q and K, uses an explicit softmax while its N x N map is small (less work than
-  the fused kernel with V padded) and the padded fused kernel above that (see `_attend`).
+- Attention uses torch's fused scaled_dot_product_attention (spatial attention with V padded to
+  Q's head size, see `_attend`); the explicit softmax path runs only while attention maps are
+  being captured (see `capture_attention`).
 """
 from __future__ import annotations
 
@@ -50,30 +50,22 @@ class TokenAffine(nn.Module):
         return torch.addcmul(self.bias, x, self.weight)
 
 
-# Above this size of the softmax map (bytes), spatial attention takes the fused kernel (no N x N map
-# in memory: large inference tiles) instead of the explicit one (faster, see `_attend`).
-EXPLICIT_MAP_LIMIT = 256 * 2 ** 20
-
-
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             capture: list | None) -> torch.Tensor:
     """softmax(q k^T * scale) v over the last two axes; records the map when capturing.
 
-    Spatial attention has V narrower than Q and K (Q, K: C/h per head; V: C_i/h). torch's fused
-    (flash) kernels need them equal, so they would have to be fed a zero-padded V: then the P V
-    product and its gradients cost as much as Q K^T. The explicit softmax does only the work V
-    needs and measured about 25% faster for the paper's spatial attention (training step, 1 CPU
-    thread; `benchmarks/bench_dca.py`), so it runs while the N x N map is small; above
-    EXPLICIT_MAP_LIMIT the fused kernel with padded V keeps memory flat for large tiles."""
-    dq, dv = q.shape[-1], v.shape[-1]
-    if capture is None and dv == dq:
+    torch's fused (flash) kernels need V's head size equal to Q's. That holds for channel attention
+    but not for spatial attention (Q, K: C/h per head; V: C_i/h), where torch would fall back to an
+    unfused path with extra passes over the N x N map. Zero-padding V to Q's head size keeps the
+    fused kernel (the pad columns come out zero and are dropped): faster on CPU for training and
+    inference, and no N x N map is stored, so large tiles stay cheap in memory."""
+    if capture is None:
+        dq, dv = q.shape[-1], v.shape[-1]
+        if dv < dq:
+            return F.scaled_dot_product_attention(q, k, F.pad(v, (0, dq - dv)), scale=scale)[..., :dv]
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    map_bytes = q[..., 0].numel() * k.shape[-2] * q.element_size()
-    if capture is None and map_bytes > EXPLICIT_MAP_LIMIT:
-        return F.scaled_dot_product_attention(q, k, F.pad(v, (0, dq - dv)), scale=scale)[..., :dv]
-    att = torch.softmax(torch.matmul(q * scale, k.transpose(-2, -1)), dim=-1)
-    if capture is not None:
-        capture.append(att.detach())
+    att = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    capture.append(att.detach())
     return att @ v
 
 
