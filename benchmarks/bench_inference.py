@@ -186,7 +186,7 @@ def main() -> None:
     # on each 224 x 224 tile: the like-for-like comparison with its 0.18 MP/s. Also printed: the
     # arithmetic rate this means (model FLOPs per tile x tiles / CPU time) per thread, against
     # which the CPU's float32 peak can be set.
-    tiles = -(-size // 224) ** 2
+    tiles = (-(-size // 224)) ** 2
     seconds = time_predict(paper, paper_card, big, overlap=0.0)
     rows.append((f"paper-config DCA-U-Net, {size}x{size}, tiles without overlap",
                  rate(size * size, seconds) + gflops(paper, tiles, seconds[1], args.threads), ">= 0.36 MP/s"))
