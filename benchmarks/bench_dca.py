@@ -152,11 +152,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for v in variants:
         f, s = statistics.median(v.forward_s), statistics.median(v.step_s)
-        fwd = "-" if f != f else f"{1e3 * f:.0f}"   # NaN: not measured
-        if isinstance(v, AttentionCore):  # its time, as a share of U-Net's step, is a floor
+        if isinstance(v, AttentionCore):  # no forward; its step, as a share of U-Net's, is a floor
             print(f"| {v.label} | - | - | {1e3 * s:.0f} | at least +{100 * s / base_s:.1f}% |")
             continue
-        print(f"| {v.label} | {fwd} | {pct(f, base_f) if v is not variants[0] and f == f else '-'} "
+        print(f"| {v.label} | {1e3 * f:.0f} | {pct(f, base_f) if v is not variants[0] else '-'} "
               f"| {1e3 * s:.0f} | {pct(s, base_s) if v is not variants[0] else '-'} |")
 
     if args.profile:

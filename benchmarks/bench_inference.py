@@ -186,10 +186,11 @@ def main() -> None:
     # on each 224 x 224 tile: the like-for-like comparison with its 0.18 MP/s. Also printed: the
     # arithmetic rate this means (model FLOPs per tile x tiles / CPU time) per thread, against
     # which the CPU's float32 peak can be set.
-    tiles = (-(-size // 224)) ** 2
+    tile = paper_card["tile_size"]
+    tiles = (-(-size // tile)) ** 2
     seconds = time_predict(paper, paper_card, big, overlap=0.0)
     rows.append((f"paper-config DCA-U-Net, {size}x{size}, tiles without overlap",
-                 rate(size * size, seconds) + gflops(paper, tiles, seconds[1], args.threads), ">= 0.36 MP/s"))
+                 rate(size * size, seconds) + gflops(paper, tiles, seconds[1], args.threads, tile), ">= 0.36 MP/s"))
     # The same U-Net without DCA through the same path: the convolutions that any implementation of
     # DCA-U-Net has to compute, so a ceiling for the DCA row (same outputs, float32).
     torch.manual_seed(0)
@@ -197,7 +198,7 @@ def main() -> None:
     seconds = time_predict(plain, paper_card, big, overlap=0.0)
     rows.append((f"paper-config U-Net WITHOUT DCA ({describe(plain, paper_card)}), {size}x{size}, "
                  "tiles without overlap (ceiling for the row above)",
-                 rate(size * size, seconds) + gflops(plain, tiles, seconds[1], args.threads), "-"))
+                 rate(size * size, seconds) + gflops(plain, tiles, seconds[1], args.threads, tile), "-"))
 
     rows.append(("float32 matrix multiply 2048x2048, 1 thread (what this CPU's arithmetic reaches)",
                  f"{matmul_gflops():.0f} GFLOP/s", "-"))

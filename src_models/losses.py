@@ -13,10 +13,10 @@ def labels_to_target(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 def touching_gap_weights(labels: np.ndarray, radius: int = 6, weight: float = 5.0) -> np.ndarray:
     """Per-pixel loss weights (H, W) float32: `weight` on background pixels that have two different
-    instances within `radius` pixels (Chebyshev distance), 1 elsewhere. This is the idea of the original U-Net's border
-    weight map (Ronneberger et al. 2015), cheap enough to compute per augmented crop: the thin gaps
-    between touching glands or nuclei are what keeps them apart after thresholding, and they are a tiny
-    fraction of the pixels, so unweighted they barely register in the loss."""
+    instances within `radius` pixels (Chebyshev distance), 1 elsewhere. This is the idea of the
+    original U-Net's border weight map (Ronneberger et al. 2015), cheap enough to compute per
+    augmented crop: the thin gaps between touching glands or nuclei are what keeps them apart after
+    thresholding, and they are a tiny fraction of the pixels, so unweighted they barely register."""
     from scipy import ndimage
     lab = np.asarray(labels)
     size = 2 * radius + 1  # a square window: separable, so ~10x faster than a disk, and close enough

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from src_models import build_model
+from src_models.checkpoints import ModelCard
 from src_models.finetune import (CorrectionSampler, FinetuneResult, encoder_prefixes, finetune,
                                  region_mask)
-from src_models.checkpoints import ModelCard
 from src_models.losses import dice_ce_loss
 
 torch.set_num_threads(1)
