@@ -1,0 +1,73 @@
+"""Pyramidal slides open lazily with the right levels and µm/px; plain TIFFs are not slides;
+the tissue mask finds the islands and not the pen stroke."""
+import numpy as np
+import pytest
+import tifffile
+
+from slide_helpers import SIZE, aperio_slide, ome_slide  # noqa: F401  (fixtures)
+from src_models.slide.reader import Slide, is_slide, open_slide
+from src_models.slide.tissue import TissueMask, detect_tissue, slide_tissue
+from src_models.testing.make_slide import _island_mask, _pen_mask, render
+
+
+@pytest.mark.parametrize("which,fmt,mpp", [("aperio_slide", "aperio", 0.5),
+                                           ("ome_slide", "ome", 0.25)])
+def test_reader_gives_levels_and_scale(request, which, fmt, mpp):
+    path, layout = request.getfixturevalue(which)
+    assert is_slide(path)
+    with open_slide(path) as slide:
+        assert slide.format == fmt
+        assert slide.shape == SIZE
+        assert slide.mpp == pytest.approx((mpp, mpp))
+        assert [lv.shape[:2] for lv in slide.levels] == [(2048, 3072), (512, 768), (128, 192)]
+        assert all(lv.shape[2] == 3 and lv.dtype == np.uint8 for lv in slide.levels)
+        assert slide.downsamples == pytest.approx([1, 4, 16])
+        # lazy levels read what they are indexed with; the pixels are the rendered ones (JPEG)
+        window = slide.read(0, 1000, 1100, 1500, 1620)
+        truth = render(layout, 1000, 1500, 100, 120)
+        assert window.shape == (100, 120, 3)
+        assert np.abs(window.astype(int) - truth).mean() < 12
+        dask_levels = slide.as_dask()
+        assert dask_levels[2].shape == (128, 192, 3)
+        assert np.array_equal(np.asarray(dask_levels[1][5:9, 7:11]), slide.read(1, 5, 9, 7, 11))
+
+
+def test_plain_tiff_is_not_a_slide(tmp_path):
+    tifffile.imwrite(tmp_path / "small.tif", np.zeros((64, 64, 3), np.uint8))
+    assert not is_slide(tmp_path / "small.tif")
+    assert not is_slide(tmp_path / "missing.svs")
+
+
+def test_openslide_formats_use_the_same_interface(tmp_path, aperio_slide):
+    openslide = pytest.importorskip("openslide")  # optional extra
+    from src_models.slide.reader import open_with_openslide
+    path, _ = aperio_slide
+    slide = open_with_openslide(path)
+    assert isinstance(slide, Slide) and slide.shape == SIZE
+    assert slide.levels[1][10:20, 30:50].shape == (10, 20, 3)
+    slide.close()
+
+
+def test_tissue_mask_finds_the_islands_and_rejects_the_pen(aperio_slide):
+    path, layout = aperio_slide
+    with open_slide(path) as slide:
+        tissue = slide_tissue(slide)
+    h, w = tissue.mask.shape
+    dy, dx = tissue.downsample
+    truth = _island_mask(layout, 0, 0, h, w, int(round(dy)))
+    pen = _pen_mask(layout, 0, 0, h, w, int(round(dy)))
+    iou = (tissue.mask & truth).sum() / (tissue.mask | truth).sum()
+    assert iou > 0.85
+    assert pen.sum() > 50 and not (tissue.mask & pen).any()
+    assert tissue.area_um2((0.5, 0.5)) == pytest.approx(tissue.mask.sum() * dy * dx * 0.25)
+    # every island is found; glass far from them is not tissue
+    for isl in layout.islands:
+        assert tissue.touches(int(isl.cy) - 4, int(isl.cy) + 4, int(isl.cx) - 4, int(isl.cx) + 4)
+    assert not tissue.touches(0, 40, 0, 40)
+
+
+def test_blank_glass_has_no_tissue():
+    glass = np.full((200, 300, 3), 240, np.uint8)
+    mask, _ = detect_tissue(glass)
+    assert not mask.any()
+    assert TissueMask.everywhere((100, 100)).touches(0, 1, 0, 1)
