@@ -1,22 +1,38 @@
-"""`napari-dca segment`: images in, instance label TIFFs out (tiled, blended, any size)."""
+"""`napari-dca segment`: images in, instance label TIFFs out (tiled, blended, any size).
+
+The command line only parses and reports: which files to write and whether to skip them is
+`src_models.segment_outputs`, writing is `src_models.image_io` (atomic, see safe_write).
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+from ._cli_bounds import bounded_int, check_range
+
+MAX_TILE = 4096        # a 4096 px tile of a light model already needs ~1 GB of activations
+MAX_BATCH = 64
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "segment", help="segment images (TIFF/PNG/JPEG files or folders) into instance label TIFFs",
         description="Segment H&E images with a DCA checkpoint. Each INPUT is an image file or a folder "
-                    "of .tif/.tiff/.png/.jpg/.jpeg images (not recursive). For every image "
-                    "OUTDIR/<stem>.tif holds its instance labels (0 = background; one id per nucleus "
-                    "or gland; classes in semantic mode), and with --save-prob OUTDIR/<stem>_prob.tif "
-                    "its float32 probabilities. Images of any size are processed in overlapping "
-                    "tiles with smooth blending; large TIFFs are read tile by tile; 3D stacks / time "
-                    "series are segmented plane by plane.",
+                    "of .tif/.tiff/.png/.jpg/.jpeg images (not recursive). For every image NAME.EXT "
+                    "(its full file name is kept, so x.png and x.tif never collide) "
+                    "OUTDIR/NAME.EXT.labels.tif holds its instance labels (0 = background; one id per "
+                    "nucleus or gland; classes in semantic mode), and with --save-prob "
+                    "OUTDIR/NAME.EXT.prob.tif its float32 probabilities. Files are written under a "
+                    "temporary name and renamed when complete; images whose outputs already exist are "
+                    "skipped (a rerun after an interruption resumes) unless --overwrite. An output "
+                    "that would replace an input, two inputs that would write the same output, or a "
+                    "symlink at an output path stop the run before any work. Images of any size are "
+                    "processed in overlapping tiles with smooth blending; large TIFFs are read tile by "
+                    "tile; 3D stacks / time series are segmented plane by plane. Exit code: 0 all "
+                    "done, 1 some images failed (listed), 2 a usage or input error.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders of images")
     p.add_argument("-o", "--out", required=True, metavar="OUTDIR", help="folder for the results (created)")
@@ -26,21 +42,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where the model runs; auto = CUDA, else Apple MPS, else CPU")
     p.add_argument("--tile", type=int, default=None, metavar="N",
-                   help="tile size in pixels (default: the checkpoint's training tile size)")
+                   help=f"tile size in pixels, 32..{MAX_TILE} (default: the checkpoint's training "
+                        f"tile size; never larger than the image needs)")
     p.add_argument("--overlap", type=float, default=0.25, metavar="F",
-                   help="fraction of a tile shared with each neighbour (0 <= F < 1)")
-    p.add_argument("--batch-size", type=int, default=4, metavar="B", help="tiles per model call")
+                   help="fraction of a tile shared with each neighbour (0 <= F <= 0.9)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="B",
+                   help=f"tiles per model call, 1..{MAX_BATCH}")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the four flips (4x slower, slightly smoother)")
-    p.add_argument("--save-prob", action="store_true", help="also write <stem>_prob.tif (float32)")
+    p.add_argument("--save-prob", action="store_true", help="also write NAME.EXT.prob.tif (float32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute and replace outputs that already exist (default: skip those images)")
     p.add_argument("--mode", choices=["nuclei", "glands", "semantic"], default=None,
                    help="post-processing: nuclei (split touching objects), glands (connected "
                         "components), semantic (class map); default: the checkpoint's task")
     p.add_argument("--threshold", type=float, default=None,
-                   help="foreground probability threshold (default: the checkpoint's, usually 0.5)")
+                   help="foreground probability threshold, 0..1 (default: the checkpoint's, usually 0.5)")
     p.add_argument("--min-size", type=int, default=None, metavar="PIXELS",
                    help="drop objects smaller than this (default: the checkpoint's)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (1..number of CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (summary lines only)")
     return p
 
@@ -51,70 +72,119 @@ def load_model(checkpoint: str, device: str):
     return load_checkpoint(checkpoint, device=device)
 
 
+def check_options(args) -> None:
+    """ValueError (one line: what is wrong, what to do) for an option out of its bounds."""
+    check_range("--overlap", args.overlap, 0.0, 0.9,
+                "tiles sharing more than 90% multiply the work by over 100")
+    args.batch_size = bounded_int("--batch-size", args.batch_size, 1, MAX_BATCH,
+                                  "larger batches only use more memory")
+    if args.tile is not None:
+        args.tile = bounded_int("--tile", args.tile, 32, MAX_TILE,
+                                "the model needs 32 px of context; larger tiles only use more memory")
+    if args.threshold is not None:
+        check_range("--threshold", args.threshold, 0.0, 1.0, "it is a probability")
+    if args.min_size is not None:
+        bounded_int("--min-size", args.min_size, 0, None, "it is a number of pixels")
+    if args.threads is not None:
+        args.threads = bounded_int("--threads", args.threads, 1, os.cpu_count() or 1,
+                                   "torch cannot use more threads than CPUs usefully", clamp_high=True)
+
+
 def run(args) -> int:
-    import numpy as np
+    from src_models.image_io import list_images
+    from src_models.inference import card_value, select_device
+    from src_models.segment_outputs import plan_outputs
+
+    check_options(args)
+    images = list_images(args.inputs)
+    if not images:
+        raise ValueError("no .tif/.tiff/.png/.jpg/.jpeg images in " + ", ".join(args.inputs))
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"-o {out_dir} is a file, not a folder; give a folder for the results")
+    jobs = plan_outputs(images, out_dir, save_prob=args.save_prob, overwrite=args.overwrite)
+    todo = [job for job in jobs if not job.done]
+    for job in jobs:
+        if job.done:
+            print(f"{job.source.name}: already done ({job.outputs['labels'].name} exists; "
+                  f"--overwrite to redo)", file=sys.stderr)
+    if not todo:
+        print(f"all {len(jobs)} images already segmented in {out_dir}", file=sys.stderr)
+        return 0
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {out_dir}: {err.strerror or err}; "
+                         f"choose a folder you can write to") from err
     import torch
-    from tqdm import tqdm
-
-    from src_models.image_io import list_images, read_image, write_labels, write_probabilities
-    from src_models.inference import card_value, image_layout, predict, select_device
-    from src_models.instances import InstanceMaker
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        images = list_images(args.inputs)
-        device = select_device(args.device)
-        if not 0.0 <= args.overlap < 1.0:
-            raise ValueError(f"--overlap must be in [0, 1), got {args.overlap}")
-        model, card = load_model(args.checkpoint, str(device))
-    except (FileNotFoundError, ValueError) as err:  # CheckpointError is a ValueError
-        print(f"napari-dca segment: error: {err}", file=sys.stderr)
-        return 2
-    if not images:
-        print("napari-dca segment: error: no .tif/.tiff/.png/.jpg/.jpeg images in "
-              + ", ".join(args.inputs), file=sys.stderr)
-        return 2
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    device = select_device(args.device)
+    model, card = load_model(args.checkpoint, str(device))
     mode = args.mode or card_value(card, "task", "nuclei")
-    failures = 0
-    for path in images:
-        label_path = out_dir / f"{path.stem}.tif"
-        if label_path.resolve() == path.resolve():
-            print(f"{path.name}: skipped, the labels would overwrite the input; choose another -o",
-                  file=sys.stderr)
-            failures += 1
-            continue
-        start = time.perf_counter()
+    failures = []
+    for job in todo:
         try:
-            image = read_image(path)
-            bar = tqdm(total=0, desc=path.name, unit="tile", leave=False, disable=args.quiet,
-                       file=sys.stderr)
-
-            def progress(done, total, bar=bar):
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-
-            prob = predict(model, image, card, tile_size=args.tile, overlap=args.overlap,
-                           batch_size=args.batch_size, device=device, tta=args.tta,
-                           progress=progress)
-            bar.close()
-            maker = InstanceMaker(prob, card, stack=image_layout(image.shape).is_stack, mode=mode)
-            labels = maker.labels(threshold=args.threshold, min_size=args.min_size)
-            write_labels(label_path, labels)
-            if args.save_prob:
-                write_probabilities(out_dir / f"{path.stem}_prob.tif", prob)
+            line = _segment_one(job, model, card, device, mode, args)
+        except KeyboardInterrupt:
+            raise
         except Exception as err:  # noqa: BLE001 - one bad image must not stop a batch
-            print(f"{path.name}: failed: {err}", file=sys.stderr)
-            failures += 1
+            from .cli import one_line
+            print(f"{job.source.name}: failed: {one_line(err)}", file=sys.stderr)
+            failures.append(job.source)
             continue
-        seconds = time.perf_counter() - start
-        n = int(np.count_nonzero(np.unique(labels)))
-        what = ("class" if mode == "semantic" else "object") + ("" if n == 1 else
-                                                                ("es" if mode == "semantic" else "s"))
-        shape = "x".join(str(s) for s in image.shape)
-        tqdm.write(f"{path.name}: {n} {what}, {shape}, {seconds:.1f} s -> {label_path}")
-    return 1 if failures else 0
+        from tqdm import tqdm
+        tqdm.write(line)
+    if failures:
+        print(f"{len(failures)} of {len(todo)} images failed: "
+              + ", ".join(p.name for p in failures[:10]) + (" ..." if len(failures) > 10 else ""),
+              file=sys.stderr)
+        return 1
+    return 0
 
+
+def _segment_one(job, model, card, device, mode: str, args) -> str:
+    """Segment one image and write its missing outputs; the summary line."""
+    import warnings
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from src_models.image_io import read_image, tiff_value_range, TIFF_SUFFIXES, write_labels, \
+        write_probabilities
+    from src_models.inference import image_layout, predict
+    from src_models.instances import InstanceMaker
+
+    start = time.perf_counter()
+    path = job.source
+    image = read_image(path)
+    value_range = tiff_value_range(path) if path.suffix.lower() in TIFF_SUFFIXES else None
+    bar = tqdm(total=0, desc=path.name, unit="tile", leave=False, disable=args.quiet, file=sys.stderr)
+
+    def progress(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prob = predict(model, image, card, tile_size=args.tile, overlap=args.overlap,
+                       batch_size=args.batch_size, device=device, tta=args.tta,
+                       progress=progress, value_range=value_range)
+    bar.close()
+    for warning in caught:
+        print(f"{path.name}: warning: {warning.message}", file=sys.stderr)
+    maker = InstanceMaker(prob, card, stack=image_layout(image.shape).is_stack, mode=mode)
+    labels = maker.labels(threshold=args.threshold, min_size=args.min_size)
+    if "prob" in job.todo:
+        write_probabilities(job.todo["prob"], prob)
+    if "labels" in job.todo:
+        write_labels(job.todo["labels"], labels)
+    seconds = time.perf_counter() - start
+    n = int(np.count_nonzero(np.unique(labels)))
+    if mode == "semantic":
+        what = "class" if n == 1 else "classes"
+    else:
+        what = "object" if n == 1 else "objects"
+    shape = "x".join(str(s) for s in image.shape)
+    return f"{path.name}: {n} {what}, {shape}, {seconds:.1f} s -> {job.outputs['labels']}"

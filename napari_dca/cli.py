@@ -47,11 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dual Cross-Attention U-Nets for H&E segmentation: command-line tools. "
                     "Run `napari-dca <command> --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"napari-dca {__version__}")
+    parser.add_argument("--debug", dest="debug_top", action="store_true",
+                        help="show Python tracebacks instead of one-line error messages")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
     for module in subcommand_modules():
         sub = module.add_parser(subparsers)
+        if not any("--debug" in a.option_strings for a in sub._actions):
+            sub.add_argument("--debug", action="store_true",
+                             help="show Python tracebacks instead of one-line error messages")
         sub.set_defaults(_run=module.run)
     return parser
+
+
+# Exceptions that mean "the user's input or options are wrong": one line, exit code 2.
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,11 +71,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    debug = bool(getattr(args, "debug_top", False) or getattr(args, "debug", False))
+    prog = f"napari-dca {args.command}"
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        if debug:
+            raise
+        print(f"{prog}: error: out of memory; try a smaller --tile/--batch or a smaller image",
+              file=sys.stderr)
+        return 1
+    except _user_error_types() as err:
+        if debug:
+            raise
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - a bug: say so in one line, traceback with --debug
+        if debug:
+            raise
+        print(f"{prog}: error: {type(err).__name__}: {one_line(err)} (this is a bug; rerun with "
+              f"--debug for the traceback and report it)", file=sys.stderr)
+        return 1
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (a missing file's errno prefix kept short)."""
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -133,8 +133,12 @@ def match_files(images_dir: str | Path, masks_dir: str | Path,
                 names: Sequence[str] | None = None) -> list[tuple[str, Path, Path]]:
     """(stem, image path, mask path) for images with a mask of the same stem, restricted to `names`
     if given (a name without a mask is an error: a silently smaller test set misleads)."""
-    from .image_io import list_images
+    from .image_io import list_images, OUTPUT_SUFFIXES
+    from .segment_outputs import source_stem
     images = {p.stem: p for p in list_images([images_dir])}
+    # Label images written by `napari-dca segment` (x.png.labels.tif) stand for x when no x.* is there.
+    for p in list_images([images_dir], suffixes=OUTPUT_SUFFIXES[:1], include_outputs=True):
+        images.setdefault(source_stem(p), p)
     masks = {p.stem: p for p in list_images([masks_dir])}
     if names is None:
         names = sorted(set(images) & set(masks))

@@ -131,26 +131,69 @@ def _is_float(dtype: Any) -> bool:
 
 
 def intensity_range(image: Any, band_rows: int = 1024) -> tuple[float, float] | None:
-    """For float images outside [0, 1]: the (min, max) of the WHOLE image (read band by band), so
-    every tile is scaled like `preprocess.as_float01` scales the full image. None otherwise."""
-    if not _is_float(image.dtype):
+    """The (lo, hi) pixel values that map to 0 and 1, when the dtype alone would scale wrongly;
+    None when dividing by the dtype's maximum (uint8, full-range ints) or keeping [0, 1] floats is
+    right. Read over the WHOLE image (band by band for lazy ones), so every tile is scaled alike.
+
+    floats outside [0, 1]: their finite min/max; NaN/inf pixels (replaced per tile by lo / hi,
+        with a warning); integers wider than 8 bits whose values use fewer bits (12-bit data in a
+        16-bit file): (0, 2**bits - 1), with a warning; signed integers with negative values: their
+        min/max, with a warning. ValueError when no pixel is finite."""
+    dtype = np.dtype(image.dtype)
+    if dtype == np.bool_ or (np.issubdtype(dtype, np.integer) and dtype.itemsize == 1
+                             and not np.issubdtype(dtype, np.signedinteger)):
         return None
+    floating = _is_float(dtype)
+    lo, hi, nonfinite = _scan_range(image, floating, band_rows)
+    if floating:
+        if not math.isfinite(lo):
+            raise ValueError("the image has no finite pixel values (all NaN or inf)")
+        if nonfinite:
+            warnings.warn(f"{nonfinite} NaN/inf pixel(s) replaced by the image's finite range "
+                          f"[{lo:g}, {hi:g}]", RuntimeWarning, stacklevel=3)
+        if lo >= 0.0 and hi <= 1.0:
+            return (0.0, 1.0) if nonfinite else None
+        return lo, hi
+    if not np.issubdtype(dtype, np.integer):
+        return None
+    if lo < 0:
+        warnings.warn(f"negative pixel values: scaled by the image's range [{lo:g}, {hi:g}]",
+                      RuntimeWarning, stacklevel=3)
+        return lo, hi
+    dtype_bits = dtype.itemsize * 8 - (1 if np.issubdtype(dtype, np.signedinteger) else 0)
+    bits = max(8, int(hi).bit_length())
+    if bits >= dtype_bits:
+        return None
+    warnings.warn(f"{dtype.itemsize * 8}-bit pixels use only {bits} bits (max {hi:g}): scaled as "
+                  f"{bits}-bit data", RuntimeWarning, stacklevel=3)
+    return 0.0, float(2 ** bits - 1)
+
+
+def _block_range(block: np.ndarray, floating: bool) -> tuple[float, float, int]:
+    if block.size == 0:
+        return math.inf, -math.inf, 0
+    if not floating:
+        return float(block.min()), float(block.max()), 0
+    finite = np.isfinite(block)
+    count = int(block.size - np.count_nonzero(finite))
+    if count == block.size:
+        return math.inf, -math.inf, count
+    values = block[finite] if count else block
+    return float(values.min()), float(values.max()), count
+
+
+def _scan_range(image: Any, floating: bool, band_rows: int) -> tuple[float, float, int]:
+    """(finite min, finite max, number of non-finite pixels) of the whole image."""
     if isinstance(image, np.ndarray):
-        lo, hi = float(np.nanmin(image)), float(np.nanmax(image))
-    elif hasattr(image, "compute") and hasattr(image, "min"):  # dask: one reduction graph
-        import dask
-        lo, hi = (float(v) for v in dask.compute(image.min(), image.max()))
-    else:
-        lay = image_layout(image.shape)
-        lo, hi = math.inf, -math.inf
-        for z in range(lay.planes or 1):
-            for y in range(0, lay.height, band_rows):
-                key = (z, slice(y, y + band_rows)) if lay.is_stack else (slice(y, y + band_rows),)
-                block = np.asarray(image[key])
-                lo, hi = min(lo, float(np.nanmin(block))), max(hi, float(np.nanmax(block)))
-    if lo >= 0.0 and hi <= 1.0:
-        return None
-    return lo, hi
+        return _block_range(image, floating)
+    lay = image_layout(image.shape)
+    lo, hi, count = math.inf, -math.inf, 0
+    for z in range(lay.planes or 1):
+        for y in range(0, lay.height, band_rows):
+            key = (z, slice(y, y + band_rows)) if lay.is_stack else (slice(y, y + band_rows),)
+            b_lo, b_hi, b_count = _block_range(np.asarray(image[key]), floating)
+            lo, hi, count = min(lo, b_lo), max(hi, b_hi), count + b_count
+    return lo, hi, count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +415,8 @@ def predict(model: nn.Module, image: Any, card: Any = None, *,
             progress: ProgressCallback | None = None, cancel: Any = None,
             normalization: Mapping[str, Sequence[float]] | None = None,
             precision: str = "auto", channels_last: bool | None = None, blend: str = "gaussian",
-            fuse: bool = True, runner: ModelRunner | None = None) -> Any:
+            fuse: bool = True, runner: ModelRunner | None = None,
+            value_range: Sequence[float] | None = None) -> Any:
     """Blended per-pixel probabilities of `model` on `image`.
 
     image: (H, W), (H, W, 3|4), (Z, H, W) or (Z, H, W, 3|4); uint8, uint16, other ints, bool or
@@ -396,6 +440,8 @@ def predict(model: nn.Module, image: Any, card: Any = None, *,
         fuse: fold BatchNorm into convolutions on an inference copy of the model.
     runner: a ModelRunner to reuse across calls (skips copying/fusing the model each time; its
         device, precision and TTA settings then apply instead of the arguments here).
+    value_range: (lo, hi) pixel values mapped to 0 and 1 (e.g. `image_io.tiff_value_range` from a
+        TIFF's tags); default: `intensity_range` of the data (NaN/inf, 12-bit, negative values).
 
     Returns `out` (or a new float32 numpy array): (H, W) for a 1-output model (sigmoid), (K, H, W)
     for K outputs (softmax), with a leading Z for stacks.
@@ -407,10 +453,14 @@ def predict(model: nn.Module, image: Any, card: Any = None, *,
     tile = int(tile_size or card_value(card, "tile_size", DEFAULT_TILE_SIZE))
     if tile < 16:
         raise ValueError(f"tile_size must be at least 16 pixels, got {tile}")
+    # A tile larger than the image would only be padding: never more than the image (rounded up
+    # to 16) needs, so a 4096 tile on a 300 px image does not cost 5 GB.
+    tile = min(tile, max(32, -(-max(layout.height, layout.width) // 16) * 16))
     norm = normalization or card_value(card, "normalization", None) or DEFAULT_NORMALIZATION
     config = getattr(model, "config", None) or card_value(card, "model_kwargs", {}) or {}
     in_channels = int(config.get("in_channels", 3))
-    scale = intensity_range(image)
+    scale = (float(value_range[0]), float(value_range[1])) if value_range is not None \
+        else intensity_range(image)
 
     if runner is None:
         runner = ModelRunner(model, select_device(device), precision=precision,
@@ -456,7 +506,10 @@ def _read_tile(image: Any, layout: ImageLayout, z: int, y: int, x: int, tile: in
 def _prepare_tile(block: np.ndarray, in_channels: int, normalization, scale) -> np.ndarray:
     if scale is not None:
         lo, hi = scale
-        block = np.clip((block.astype(np.float32) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+        block = block.astype(np.float32)
+        if not np.isfinite(block).all():  # NaN -> lo, inf -> hi (intensity_range warned)
+            block = np.nan_to_num(block, nan=lo, posinf=hi, neginf=lo)
+        block = np.clip((block - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
     return prepare(block, in_channels, normalization)
 
 

@@ -69,11 +69,11 @@ def test_segment_writes_labels_and_probabilities(tiny_checkpoint, images, tmp_pa
     code = cli.main(["segment", str(images), "-o", str(out), "--checkpoint", str(tiny_checkpoint),
                      "--device", "cpu", "--save-prob", "--quiet", "--threshold", "0.5"])
     assert code == 0
-    a = tifffile.imread(out / "a.tif")
-    b = tifffile.imread(out / "b.tif")
+    a = tifffile.imread(out / "a.png.labels.tif")
+    b = tifffile.imread(out / "b.tif.labels.tif")
     assert a.shape == (70, 90) and b.shape == (50, 60)
     assert np.issubdtype(a.dtype, np.unsignedinteger)
-    prob = tifffile.imread(out / "a_prob.tif")
+    prob = tifffile.imread(out / "a.png.prob.tif")
     assert prob.shape == (70, 90) and prob.dtype == np.float32
     lines = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
     assert len(lines) == 2 and all(" s -> " in l and "object" in l for l in lines)
@@ -90,10 +90,18 @@ def test_segment_reports_missing_inputs_and_checkpoints(tiny_checkpoint, tmp_pat
     assert "checkpoint" in capsys.readouterr().err
 
 
-def test_segment_never_overwrites_its_input(tiny_checkpoint, tmp_path, capsys):
+def test_segment_into_the_input_folder_keeps_every_input(tiny_checkpoint, tmp_path, capsys):
     src = tmp_path / "c.tif"
-    tifffile.imwrite(src, np.zeros((20, 20, 3), np.uint8))
-    assert cli.main(["segment", str(src), "-o", str(tmp_path), "-c", str(tiny_checkpoint),
-                     "--quiet"]) == 1
-    assert "overwrite" in capsys.readouterr().err
-    assert tifffile.imread(src).shape == (20, 20, 3)
+    original = np.arange(20 * 20 * 3, dtype=np.uint16).reshape(20, 20, 3)
+    tifffile.imwrite(src, original)
+    import imageio.v3 as iio
+    iio.imwrite(tmp_path / "c.png", np.zeros((20, 20, 3), np.uint8))
+    assert cli.main(["segment", str(tmp_path), "-o", str(tmp_path), "-c", str(tiny_checkpoint),
+                     "--quiet"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(src), original)
+    assert (tmp_path / "c.tif.labels.tif").exists() and (tmp_path / "c.png.labels.tif").exists()
+    # A rerun does not take its own outputs for inputs, and skips what is done.
+    capsys.readouterr()
+    assert cli.main(["segment", str(tmp_path), "-o", str(tmp_path), "-c", str(tiny_checkpoint),
+                     "--quiet"]) == 0
+    assert "already segmented" in capsys.readouterr().err

@@ -1,0 +1,27 @@
+"""Bounds for numeric command-line options: a value outside them is refused (or clamped, where
+that is harmless) with one line saying the bound and why it exists."""
+from __future__ import annotations
+
+import math
+import sys
+
+
+def check_range(option: str, value: float, low: float | None, high: float | None, why: str) -> float:
+    """ValueError unless low <= value <= high (and finite)."""
+    if value is None or not math.isfinite(value) or (low is not None and value < low) \
+            or (high is not None and value > high):
+        bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None
+                  else f"at least {low:g}" if low is not None else f"at most {high:g}")
+        raise ValueError(f"{option} must be {bounds} ({why}); got {value}")
+    return value
+
+
+def bounded_int(option: str, value: int, low: int | None, high: int | None, why: str,
+                clamp_high: bool = False) -> int:
+    """`value` if within [low, high]; above `high` with clamp_high: `high`, with a note on stderr;
+    otherwise ValueError."""
+    if clamp_high and high is not None and value > high:
+        print(f"note: {option} {value} lowered to {high} ({why})", file=sys.stderr)
+        return high
+    check_range(option, value, low, high, why)
+    return int(value)
