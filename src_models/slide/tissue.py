@@ -24,7 +24,8 @@ from scipy import ndimage as ndi
 PEN_HUE = (60.0, 245.0)
 PEN_MIN_SATURATION = 0.25
 DARK_VALUE = 0.2          # black marker / folds of dense ink: value (max of RGB) below this
-MAX_MASK_PIXELS = 4_000_000
+MAX_MASK_PIXELS = 8_000_000
+TARGET_UM = 8.0           # µm per mask pixel when the slide allows it (a 1.25x overview)
 
 
 @dataclass
@@ -119,10 +120,21 @@ def detect_tissue(rgb: np.ndarray, pixel_um: float | None = None, min_object_um2
     pen_zone = ndi.binary_dilation(pen, iterations=max(1, int(round(20.0 / pixel_um))))
     mask &= ~(pen_zone & ~ndi.binary_dilation(mask & ~pen_zone, iterations=1))
     mask = ndi.binary_closing(mask, structure=disk(max(1, int(round(16.0 / pixel_um)))))
+    # sizes in thumbnail pixels; never more than 1 % of the image (a small test slide or a
+    # biopsy can be all "small" tissue)
+    cap = 0.01 * mask.size
     area = pixel_um * pixel_um
-    mask = remove_small_objects(mask, max_size=max(1, int(min_object_um2 / area)))
-    mask = remove_small_holes(mask, max_size=max(1, int(min_hole_um2 / area)))
+    mask = remove_small_objects(mask, max_size=max(1, int(min(cap, min_object_um2 / area))))
+    mask = remove_small_holes(mask, max_size=max(1, int(min(cap, min_hole_um2 / area))))
     return mask, threshold
+
+
+def block_mean(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """(h // f, w // f, 3) means of f x f blocks (edge rows/columns that do not fill a block are
+    dropped)."""
+    h, w = (rgb.shape[0] // factor) * factor, (rgb.shape[1] // factor) * factor
+    blocks = rgb[:h, :w, :3].reshape(h // factor, factor, w // factor, factor, 3)
+    return blocks.mean(axis=(1, 3)).round().astype(np.uint8)
 
 
 def slide_tissue(slide, max_pixels: int = MAX_MASK_PIXELS, **settings) -> TissueMask:
@@ -131,6 +143,13 @@ def slide_tissue(slide, max_pixels: int = MAX_MASK_PIXELS, **settings) -> Tissue
     level = slide.level_for(max_pixels)
     rgb = slide.read(level, 0, slide.levels[level].shape[0], 0, slide.levels[level].shape[1])
     h0, w0 = slide.shape
+    # work at about TARGET_UM per pixel (the cleanup sizes are physical; finer costs time only)
+    if slide.mpp is not None:
+        factor = int(TARGET_UM / (slide.mpp[0] * h0 / rgb.shape[0]))
+    else:
+        factor = int(np.sqrt(rgb.shape[0] * rgb.shape[1] / 1e6))
+    if factor > 1:
+        rgb = block_mean(rgb, factor)
     down = (h0 / rgb.shape[0], w0 / rgb.shape[1])
     pixel_um = None if slide.mpp is None else 0.5 * (slide.mpp[0] * down[0] + slide.mpp[1] * down[1])
     mask, threshold = detect_tissue(rgb, pixel_um, **settings)
