@@ -63,7 +63,8 @@ def test_tissue_mask_finds_the_islands_and_rejects_the_pen(aperio_slide):
     assert tissue.area_um2((0.5, 0.5)) == pytest.approx(tissue.mask.sum() * dy * dx * 0.25)
     # every island is found; glass far from them is not tissue
     for isl in layout.islands:
-        assert tissue.touches(int(isl.cy) - 4, int(isl.cy) + 4, int(isl.cx) - 4, int(isl.cx) + 4)
+        r = int(isl.radius / 2)
+        assert tissue.touches(int(isl.cy) - r, int(isl.cy) + r, int(isl.cx) - r, int(isl.cx) + r)
     assert not tissue.touches(0, 40, 0, 40)
 
 
