@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import runtime_onnx
 from .preprocess import DEFAULT_NORMALIZATION, prepare
 
 DEFAULT_TILE_SIZE = 256
@@ -307,7 +308,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, device: torch.device, *, precision: str = "auto",
                  channels_last: bool | None = None, tta: bool = False, max_batch: int = 4,
-                 fuse: bool = True):
+                 fuse: bool = True, runtime: str = "torch"):
         self.source_model = model
         self.device = device
         self.precision = precision
@@ -316,7 +317,33 @@ class ModelRunner:
         self.tta = tta
         self.max_batch = max(1, int(max_batch))
         self.fuse = fuse
+        # "onnx": the forward pass runs through an exported graph (runtime_onnx), one per input
+        # shape, made on first use; a shape whose graph cannot be used stays in torch.
+        self.runtime = runtime_onnx.resolve_runtime(runtime, device.type, precision)
+        self._graphs: dict[tuple[int, ...], runtime_onnx.ExportedGraph | None] = {}
         self._prepare_model()
+
+    @property
+    def uses_graph(self) -> bool:
+        """True once a batch has run through an exported graph (not torch)."""
+        return any(g is not None for g in self._graphs.values())
+
+    def _graph(self, shape: tuple[int, ...]) -> "runtime_onnx.ExportedGraph | None":
+        if shape not in self._graphs:
+            variant = "fused" if self.fuse else "plain"
+            key = runtime_onnx.key_for_model(self.source_model, shape, variant=variant)
+            self._graphs[shape] = runtime_onnx.graph_for(
+                self.model, shape, key=key, threads=torch.get_num_threads())
+        return self._graphs[shape]
+
+    def _run_graph(self, graph: "runtime_onnx.ExportedGraph", batch: np.ndarray) -> np.ndarray:
+        prob = runtime_onnx.probabilities(graph(batch))
+        if self.tta:
+            for axes in ((-1,), (-2,), (-2, -1)):
+                flipped = np.ascontiguousarray(np.flip(batch, axes))
+                prob += np.flip(runtime_onnx.probabilities(graph(flipped)), axes)
+            prob /= 4.0
+        return prob
 
     def _prepare_model(self) -> None:
         model = self.source_model.eval()
@@ -341,6 +368,10 @@ class ModelRunner:
         return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        if self.runtime == "onnx":
+            graph = self._graph(tuple(batch.shape[1:]))
+            if graph is not None:
+                return self._run_graph(graph, batch)
         x = torch.from_numpy(batch).to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -416,7 +447,7 @@ def predict(model: nn.Module, image: Any, card: Any = None, *,
             normalization: Mapping[str, Sequence[float]] | None = None,
             precision: str = "auto", channels_last: bool | None = None, blend: str = "gaussian",
             fuse: bool = True, runner: ModelRunner | None = None,
-            value_range: Sequence[float] | None = None) -> Any:
+            value_range: Sequence[float] | None = None, runtime: str = "torch") -> Any:
     """Blended per-pixel probabilities of `model` on `image`.
 
     image: (H, W), (H, W, 3|4), (Z, H, W) or (Z, H, W, 3|4); uint8, uint16, other ints, bool or
@@ -438,6 +469,11 @@ def predict(model: nn.Module, image: Any, card: Any = None, *,
         "bfloat16" (bfloat16 on a CPU with AVX512-BF16 is ~1.3x faster but moves probabilities
         by up to ~0.05). channels_last: NHWC memory layout (default: on for CPU and CUDA).
         fuse: fold BatchNorm into convolutions on an inference copy of the model.
+    runtime: "torch" (the default here: training, fine-tuning and evaluation change the weights
+        between calls, and each new set of weights would be exported again), "onnx" (the exported
+        graph, see runtime_onnx; the first call with new weights or a new tile size exports it into
+        the user's cache) or "auto" (the exported graph on the CPU when ONNX Runtime is installed
+        and the graph matches torch, else torch; what `segment` and the Segment widget use).
     runner: a ModelRunner to reuse across calls (skips copying/fusing the model each time; its
         device, precision and TTA settings then apply instead of the arguments here).
     value_range: (lo, hi) pixel values mapped to 0 and 1 (e.g. `image_io.tiff_value_range` from a
@@ -464,7 +500,8 @@ def predict(model: nn.Module, image: Any, card: Any = None, *,
 
     if runner is None:
         runner = ModelRunner(model, select_device(device), precision=precision,
-                             channels_last=channels_last, tta=tta, max_batch=batch_size, fuse=fuse)
+                             channels_last=channels_last, tta=tta, max_batch=batch_size, fuse=fuse,
+                             runtime=runtime)
     run = dict(tile=tile, overlap=overlap, batch_size=batch_size, in_channels=in_channels,
                normalization=norm, scale=scale, progress=progress, cancel=cancel, blend=blend)
     if region is None:

@@ -1,0 +1,275 @@
+"""The exported-graph runtime: a model's forward pass exported to ONNX and run by ONNX Runtime.
+
+Why ONNX Runtime (and not OpenVINO, which also reads the exported file): measured on this
+project's 2-core CPU in one run, alternating, the two are equally fast on the bundled models and the
+paper-configuration U-Net (`benchmarks/bench_runtime.py --compare-openvino`, figures in
+benchmarks/results/README.md), and both about twice eager PyTorch on the bundled models. ONNX Runtime
+is the smaller install (78 MB against 180 MB) and runs the cached file with nothing but numpy, so a
+later `segment` needs no PyTorch to run the model.
+
+    model (+ its input shape) --sha256 of weights, architecture, config, shape, exporter--> key
+    key -> <cache>/<key>.onnx  (exported once: torch.onnx.export(dynamo=True), dynamic batch)
+        -> a probe batch through both torch and the graph: max |diff| of the logits <= 1e-4
+        -> an onnxruntime.InferenceSession
+    Anything that fails on the way (exporter missing, export error, disagreement) gives None and
+    one RuntimeFallbackWarning; the caller keeps running torch.
+
+The spatial size is fixed in each exported graph: the exporter cannot make H and W dynamic
+because the token grid is `round(H / patch)` (control flow on a symbolic size). Every tile that
+`inference.predict` sends has the tile size (smaller images are reflect-padded to it), so one graph
+per checkpoint and tile size is exported; another size gets its own graph.
+
+The cache folder is the user's cache (platformdirs: ~/.cache/napari-dca/onnx on Linux), or
+$NAPARI_DCA_CACHE/onnx; never a folder beside a bundled checkpoint. Files are written under a
+temporary name and renamed when complete, so a crashed export never leaves a half file behind.
+A fine-tuned model has new weights, hence a new key and a fresh export.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+import numpy as np
+
+from .safe_write import write_atomic
+
+RUNTIMES = ("auto", "torch", "onnx")
+CACHE_ENV = "NAPARI_DCA_CACHE"
+RUNTIME_ENV = "NAPARI_DCA_RUNTIME"  # the default of user-facing entry points (tests set "torch")
+PROBE_TOLERANCE = 1e-4
+# Bumped whenever what goes into an exported file changes (wrapper, opset, fusion), so old cache
+# entries are never reused for a different graph.
+EXPORT_FORMAT = 1
+OPSET = 18
+INSTALL_HINT = "pip install onnxruntime onnx onnxscript"
+
+
+class RuntimeFallbackWarning(RuntimeWarning):
+    """The exported graph could not be used; inference goes on in PyTorch. One line, says why."""
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def runtime_available() -> bool:
+    """ONNX Runtime can run a cached graph."""
+    return _installed("onnxruntime")
+
+
+def exporter_available() -> bool:
+    """torch.onnx's dynamo exporter has what it needs (onnx and onnxscript)."""
+    return _installed("onnx") and _installed("onnxscript")
+
+
+def default_runtime() -> str:
+    """What `segment` and the Segment widget use unless told: $NAPARI_DCA_RUNTIME, else auto."""
+    return check_runtime(os.environ.get(RUNTIME_ENV) or "auto")
+
+
+def check_runtime(runtime: str) -> str:
+    runtime = (runtime or "auto").lower()
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    return runtime
+
+
+def resolve_runtime(runtime: str, device_type: str, precision: str = "auto") -> str:
+    """"torch" or "onnx" for a runtime choice on a device.
+
+    auto: the exported graph on the CPU when ONNX Runtime and the exporter are installed and the
+    precision is float32; torch on CUDA / MPS, for reduced precision, or when a package is missing.
+    onnx: the exported graph; ValueError when it cannot apply (GPU device, packages missing)."""
+    runtime = check_runtime(runtime)
+    float32 = precision in ("auto", "float32")
+    if runtime == "torch":
+        return "torch"
+    if runtime == "auto":
+        ok = device_type == "cpu" and float32 and runtime_available() and exporter_available()
+        return "onnx" if ok else "torch"
+    if device_type != "cpu":
+        raise ValueError(f"runtime 'onnx' runs on the CPU, but the device is {device_type!r}; "
+                         "use device cpu, or runtime torch / auto")
+    if not float32:
+        raise ValueError(f"runtime 'onnx' runs float32 only, not precision {precision!r}")
+    if not runtime_available():
+        raise ValueError(f"runtime 'onnx' needs ONNX Runtime: {INSTALL_HINT}")
+    return "onnx"
+
+
+def cache_dir() -> Path:
+    """Where exported graphs live: $NAPARI_DCA_CACHE/onnx, else the user's cache folder."""
+    root = os.environ.get(CACHE_ENV)
+    if not root:
+        try:
+            from platformdirs import user_cache_dir
+            root = user_cache_dir("napari-dca", appauthor=False)
+        except ImportError:  # platformdirs comes with napari; without it, the XDG default
+            root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                "napari-dca")
+    return Path(root) / "onnx"
+
+
+# ----------------------------------------------------------------------------------------------
+# What identifies an exported graph
+# ----------------------------------------------------------------------------------------------
+
+def weights_digest(named_arrays) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, in name order. `named_arrays`
+    yields (name, numpy array); the same digest comes from a model's state dict or from the
+    checkpoint file read with numpy (so a cached graph can be found without PyTorch)."""
+    h = hashlib.sha256()
+    for name, array in sorted(named_arrays, key=lambda item: item[0]):
+        array = np.ascontiguousarray(array)
+        h.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def model_digest(model) -> str:
+    """weights_digest of a torch model's state dict (parameters and buffers)."""
+    return weights_digest((name, tensor.detach().cpu().numpy())
+                          for name, tensor in model.state_dict().items())
+
+
+def graph_key(weights: str, architecture: str, config: dict, input_shape: tuple[int, int, int],
+              torch_version: str, variant: str = "fused") -> str:
+    """The cache key: everything that changes the exported graph (`variant`: how the model was
+    transformed before export, e.g. BatchNorm folded). Normalisation, thresholds and other card
+    fields act outside the graph and are left out."""
+    spec = {"format": EXPORT_FORMAT, "opset": OPSET, "weights": weights,
+            "architecture": architecture, "config": config, "input": list(input_shape),
+            "torch": torch_version, "variant": variant}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def key_for_model(model, input_shape: tuple[int, int, int], variant: str = "fused") -> str:
+    """graph_key of a torch model as it is before any export-time transformation."""
+    import torch
+    architecture = getattr(model, "registry_name", type(model).__name__)
+    config = getattr(model, "config", None) or {}
+    return graph_key(model_digest(model), architecture, config, tuple(input_shape),
+                     torch.__version__.split("+")[0], variant)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export (torch) and session (ONNX Runtime)
+# ----------------------------------------------------------------------------------------------
+
+def export_graph(model, input_shape: tuple[int, int, int], path: Path) -> None:
+    """Exports `model` (eval, CPU, float32; BatchNorm already folded by the caller if wanted) for
+    inputs (B, *input_shape) with a dynamic batch, to `path` via a temporary file and a rename."""
+    import torch
+    c, h, w = input_shape
+    example = torch.zeros(2, c, h, w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=OPSET, verbose=False,
+            input_names=["x"], output_names=["logits"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}})
+    # One self-contained file (no external weights file), written under a temporary name.
+    write_atomic(path, lambda tmp: program.save(str(tmp), external_data=False))
+
+
+def open_session(path: Path, threads: int | None = None):
+    """An ONNX Runtime CPU session on `path`, `threads` intra-op threads (None: its default)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.inter_op_num_threads = 1
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class ExportedGraph:
+    """(B, C, H, W) float32 numpy -> (B, K, H, W) logits, through an ONNX Runtime session."""
+
+    def __init__(self, session, path: Path, input_shape: tuple[int, int, int]):
+        self.session = session
+        self.path = path
+        self.input_shape = tuple(input_shape)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"x": np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+def probe_batch(input_shape: tuple[int, int, int], batch: int = 2, seed: int = 0) -> np.ndarray:
+    """A fixed, normalised-image-like batch (values around 0, a few units wide)."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(0.0, 1.0, (batch, *input_shape)).astype(np.float32)
+
+
+def max_difference(model, graph: ExportedGraph, batch: np.ndarray) -> float:
+    import torch
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(batch)).float().numpy()
+    return float(np.max(np.abs(graph(batch) - expected)))
+
+
+def _notice(message: str) -> None:
+    warnings.warn(message, RuntimeFallbackWarning, stacklevel=4)
+
+
+def graph_for(model, input_shape: tuple[int, int, int], *, key: str | None = None,
+              threads: int | None = None, folder: Path | None = None) -> ExportedGraph | None:
+    """The exported graph of `model` (eval, CPU, float32) for inputs (B, *input_shape): from the
+    cache, else exported now and cached. `key` names the cache entry (default: key_for_model of
+    `model` itself). Checked against torch on a probe batch either way (a cache file could be
+    damaged or stale). None, with one RuntimeFallbackWarning, when it cannot be used."""
+    input_shape = tuple(int(s) for s in input_shape)
+    try:
+        key = key or key_for_model(model, input_shape, variant="as-given")
+        path = (folder or cache_dir()) / f"{key}.onnx"
+        if not path.is_file():
+            if not exporter_available():
+                _notice(f"exported-graph runtime unavailable (exporter missing: {INSTALL_HINT}); "
+                        "running PyTorch")
+                return None
+            export_graph(model, input_shape, path)
+        graph = ExportedGraph(open_session(path, threads), path, input_shape)
+        diff = max_difference(model, graph, probe_batch(input_shape))
+    except Exception as error:  # noqa: BLE001 - any failure means: stay in torch
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        _notice(f"exported-graph runtime failed ({type(error).__name__}: {first}); running PyTorch")
+        return None
+    if not diff <= PROBE_TOLERANCE:  # also catches NaN
+        _notice(f"exported graph disagrees with PyTorch (max |diff| {diff:.2e} > "
+                f"{PROBE_TOLERANCE:.0e}); running PyTorch")
+        return None
+    return graph
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Sigmoid for one output channel, softmax over channels otherwise (numpy, float32)."""
+    logits = logits.astype(np.float32, copy=False)
+    if logits.shape[1] == 1:
+        return (0.5 * (1.0 + np.tanh(0.5 * logits))).astype(np.float32)  # sigmoid without overflow
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def torch_imported() -> bool:
+    return "torch" in sys.modules
+
+
+def default_threads() -> int | None:
+    """The torch thread count when torch is loaded (so --threads applies to both), else None."""
+    if torch_imported():
+        return int(sys.modules["torch"].get_num_threads())
+    return None
+
+
+__all__ = ["RUNTIMES", "CACHE_ENV", "PROBE_TOLERANCE", "RuntimeFallbackWarning", "ExportedGraph",
+           "check_runtime", "default_runtime", "resolve_runtime", "cache_dir", "graph_for", "probabilities",
+           "runtime_available", "exporter_available", "weights_digest", "model_digest",
+           "key_for_model", "graph_key", "export_graph", "open_session", "default_threads"]

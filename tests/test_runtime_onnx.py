@@ -1,0 +1,155 @@
+"""The exported-graph runtime: same outputs as torch, cached by content, falls back with a notice.
+
+One export of a tiny model (~20 s of CPU) is shared by the module; the bundled models' exports are
+marked slow. The cache folder is a temporary one (NAPARI_DCA_CACHE)."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from src_models import build_model, runtime_onnx
+from src_models.inference import ModelRunner, predict
+
+pytestmark = pytest.mark.skipif(
+    not (runtime_onnx.runtime_available() and runtime_onnx.exporter_available()),
+    reason=f"exported-graph runtime not installed ({runtime_onnx.INSTALL_HINT})")
+
+TILE = 64
+RNG = np.random.default_rng(3)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(runtime_onnx.CACHE_ENV, str(folder))
+        yield folder / "onnx"
+
+
+@pytest.fixture(scope="module")
+def tiny(cache):
+    """A tiny DCA-U-Net, with its graph exported once for TILE x TILE inputs."""
+    torch.manual_seed(0)
+    model = build_model("unet", width=0.0625, patch_size=16).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so folding them is exercised
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    runner = ModelRunner(model, torch.device("cpu"), runtime="onnx")
+    runner(RNG.normal(size=(1, 3, TILE, TILE)).astype(np.float32))
+    assert runner.uses_graph
+    return model
+
+
+def rgb(h, w):
+    return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_graph_matches_torch_through_predict_on_tiled_and_smaller_than_tile_images(tiny, cache):
+    card = {"tile_size": TILE}
+    for shape in [(150, 130), (40, 50)]:  # several tiles with a ragged last batch; one padded tile
+        image = rgb(*shape)
+        fast = predict(tiny, image, card, device="cpu", batch_size=3, runtime="onnx")
+        slow = predict(tiny, image, card, device="cpu", batch_size=3, runtime="torch")
+        assert fast.shape == shape
+        assert np.abs(fast - slow).max() <= 1e-4
+    tta = predict(tiny, rgb(70, 70), card, device="cpu", tta=True, runtime="onnx")
+    assert tta.shape == (70, 70)
+    assert [p.suffix for p in cache.iterdir()] == [".onnx"]  # one graph, no temporary file left
+
+
+def test_cache_is_reused_and_a_new_tile_size_or_new_weights_get_a_new_entry(tiny, cache, monkeypatch):
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the graph is cached")
+
+    monkeypatch.setattr(runtime_onnx, "export_graph", no_export)
+    runner = ModelRunner(tiny, torch.device("cpu"), runtime="onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback notice either
+        runner(RNG.normal(size=(2, 3, TILE, TILE)).astype(np.float32))
+    assert runner.uses_graph
+
+    key = runtime_onnx.key_for_model(tiny, (3, TILE, TILE))
+    assert runtime_onnx.key_for_model(tiny, (3, TILE, TILE)) == key
+    assert runtime_onnx.key_for_model(tiny, (3, 2 * TILE, 2 * TILE)) != key
+    tuned = build_model("unet", width=0.0625, patch_size=16).eval()
+    tuned.load_state_dict(tiny.state_dict())
+    assert runtime_onnx.key_for_model(tuned, (3, TILE, TILE)) == key  # same content, same key
+    with torch.no_grad():
+        next(tuned.parameters()).add_(1e-3)  # "fine-tuned": new weights
+    assert runtime_onnx.key_for_model(tuned, (3, TILE, TILE)) != key
+
+
+def test_a_failing_export_falls_back_to_torch_with_one_notice(tiny, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter exploded\nsecond line of a long trace")
+
+    monkeypatch.setattr(runtime_onnx, "export_graph", broken)
+    torch.manual_seed(1)
+    fresh = build_model("unet", width=0.0625, patch_size=16).eval()  # not in the cache
+    batch = RNG.normal(size=(2, 3, TILE, TILE)).astype(np.float32)
+    runner = ModelRunner(fresh, torch.device("cpu"), runtime="onnx")
+    with pytest.warns(runtime_onnx.RuntimeFallbackWarning) as record:
+        out = runner(batch)
+        runner(batch)  # the failure is remembered: no second export, no second notice
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "exporter exploded" in message and "\n" not in message and "PyTorch" in message
+    assert not runner.uses_graph
+    reference = ModelRunner(fresh, torch.device("cpu"), runtime="torch")(batch)
+    np.testing.assert_allclose(out, reference, atol=1e-6)
+
+
+def test_a_graph_that_disagrees_with_torch_is_not_used(tiny, monkeypatch):
+    monkeypatch.setattr(runtime_onnx, "max_difference", lambda *a: 3e-3)
+    runner = ModelRunner(tiny, torch.device("cpu"), runtime="onnx")
+    with pytest.warns(runtime_onnx.RuntimeFallbackWarning, match="disagrees"):
+        runner(RNG.normal(size=(1, 3, TILE, TILE)).astype(np.float32))
+    assert not runner.uses_graph
+
+
+def test_runtime_choice_auto_torch_onnx(monkeypatch):
+    assert runtime_onnx.resolve_runtime("auto", "cpu") == "onnx"
+    assert runtime_onnx.resolve_runtime("auto", "cuda") == "torch"
+    assert runtime_onnx.resolve_runtime("auto", "mps") == "torch"
+    assert runtime_onnx.resolve_runtime("auto", "cpu", "bfloat16") == "torch"
+    assert runtime_onnx.resolve_runtime("torch", "cpu") == "torch"
+    with pytest.raises(ValueError, match="CPU"):
+        runtime_onnx.resolve_runtime("onnx", "cuda")
+    with pytest.raises(ValueError, match="unknown runtime"):
+        runtime_onnx.resolve_runtime("tensorrt", "cpu")
+    monkeypatch.setattr(runtime_onnx, "runtime_available", lambda: False)
+    assert runtime_onnx.resolve_runtime("auto", "cpu") == "torch"  # absent: quietly torch
+    with pytest.raises(ValueError, match="pip install"):
+        runtime_onnx.resolve_runtime("onnx", "cpu")
+    monkeypatch.setenv(runtime_onnx.RUNTIME_ENV, "onnx")
+    assert runtime_onnx.default_runtime() == "onnx"
+
+
+def test_cache_folder_is_the_users_not_the_package(monkeypatch, tmp_path):
+    monkeypatch.setenv(runtime_onnx.CACHE_ENV, str(tmp_path))
+    assert runtime_onnx.cache_dir() == tmp_path / "onnx"
+    monkeypatch.delenv(runtime_onnx.CACHE_ENV)
+    folder = runtime_onnx.cache_dir()
+    assert "site-packages" not in str(folder) and "napari-dca" in str(folder)
+
+
+def test_probabilities_match_torch():
+    logits = RNG.normal(0, 30, size=(2, 1, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(runtime_onnx.probabilities(logits),
+                               torch.sigmoid(torch.from_numpy(logits)).numpy(), atol=1e-6)
+    logits = RNG.normal(0, 30, size=(2, 3, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(runtime_onnx.probabilities(logits),
+                               torch.softmax(torch.from_numpy(logits), 1).numpy(), atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nuclei", "glands"])
+def test_bundled_models_graph_matches_torch(name, cache):
+    from src_models.checkpoints import load_checkpoint
+    model, card = load_checkpoint(name)
+    image = rgb(card.tile_size + 40, 90)
+    fast = predict(model, image, card, device="cpu", runtime="onnx")
+    slow = predict(model, image, card, device="cpu", runtime="torch")
+    assert np.abs(fast - slow).max() <= 1e-4
