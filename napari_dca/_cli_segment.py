@@ -41,6 +41,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(or an official DCA .pt/.pth with its .json card beside it)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where the model runs; auto = CUDA, else Apple MPS, else CPU")
+    p.add_argument("--runtime", default=None, choices=["auto", "torch", "onnx"],
+                   help="what runs the model: onnx = the model exported once into your cache folder "
+                        "and run by ONNX Runtime (about 2x faster on a CPU), torch = PyTorch, auto = "
+                        "onnx on the CPU when installed and matching PyTorch, else torch "
+                        "(default: $NAPARI_DCA_RUNTIME, else auto)")
     p.add_argument("--tile", type=int, default=None, metavar="N",
                    help=f"tile size in pixels, 32..{MAX_TILE} (default: the checkpoint's training "
                         f"tile size; never larger than the image needs)")
@@ -120,6 +125,8 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
+    from src_models.runtime_onnx import default_runtime, resolve_runtime
+    args.runtime = resolve_runtime(args.runtime or default_runtime(), device.type)
     model, card = load_model(args.checkpoint, str(device))
     mode = args.mode or card_value(card, "task", "nuclei")
     failures = []
@@ -170,7 +177,7 @@ def _segment_one(job, model, card, device, mode: str, args) -> str:
         warnings.simplefilter("always")
         prob = predict(model, image, card, tile_size=args.tile, overlap=args.overlap,
                        batch_size=args.batch_size, device=device, tta=args.tta,
-                       progress=progress, value_range=value_range)
+                       progress=progress, value_range=value_range, runtime=args.runtime)
     bar.close()
     for warning in caught:
         print(f"{path.name}: warning: {warning.message}", file=sys.stderr)

@@ -28,7 +28,7 @@ fi
 # Installed, with its dependencies, from THIS checkout? (checked from / so the working directory
 # cannot stand in for an install)
 here=$(pwd -P)
-installed=$(cd / && $PY -c "import napari, pytestqt, safetensors, src_models, napari_dca, os
+installed=$(cd / && $PY -c "import napari, pytestqt, safetensors, onnxruntime, src_models, napari_dca, os
 print(os.path.dirname(os.path.dirname(os.path.realpath(napari_dca.__file__))))" 2>/dev/null || true)
 if [ "$installed" != "$here" ] || [ "${NAPARI_DCA_REINSTALL:-0}" = 1 ]; then
   echo "setup: pip install -e .[test]"

@@ -230,6 +230,9 @@ def graph_for(model, input_shape: tuple[int, int, int], *, key: str | None = Non
     try:
         key = key or key_for_model(model, input_shape, variant="as-given")
         path = (folder or cache_dir()) / f"{key}.onnx"
+        checked = _checked_sessions.get((path, threads))
+        if checked is not None and path.is_file():  # already probed in this process
+            return checked
         if not path.is_file():
             if not exporter_available():
                 _notice(f"exported-graph runtime unavailable (exporter missing: {INSTALL_HINT}); "
@@ -246,7 +249,13 @@ def graph_for(model, input_shape: tuple[int, int, int], *, key: str | None = Non
         _notice(f"exported graph disagrees with PyTorch (max |diff| {diff:.2e} > "
                 f"{PROBE_TOLERANCE:.0e}); running PyTorch")
         return None
+    _checked_sessions[(path, threads)] = graph
     return graph
+
+
+# Graphs already opened and probed by this process, so that segmenting many images (one `predict`
+# each) opens and checks each graph once. A few entries at most: one per checkpoint and tile size.
+_checked_sessions: dict[tuple[Path, int | None], ExportedGraph] = {}
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:

@@ -59,7 +59,14 @@ def test_graph_matches_torch_through_predict_on_tiled_and_smaller_than_tile_imag
     assert [p.suffix for p in cache.iterdir()] == [".onnx"]  # one graph, no temporary file left
 
 
-def test_cache_is_reused_and_a_new_tile_size_or_new_weights_get_a_new_entry(tiny, cache, monkeypatch):
+@pytest.fixture
+def fresh_process(monkeypatch):
+    """As if in a new process: no graph opened and probed yet (the cache folder stays)."""
+    monkeypatch.setattr(runtime_onnx, "_checked_sessions", {})
+
+
+def test_cache_is_reused_and_a_new_tile_size_or_new_weights_get_a_new_entry(tiny, cache, monkeypatch,
+                                                                             fresh_process):
     def no_export(*args, **kwargs):
         raise AssertionError("exported again although the graph is cached")
 
@@ -101,12 +108,34 @@ def test_a_failing_export_falls_back_to_torch_with_one_notice(tiny, monkeypatch)
     np.testing.assert_allclose(out, reference, atol=1e-6)
 
 
-def test_a_graph_that_disagrees_with_torch_is_not_used(tiny, monkeypatch):
+def test_a_graph_that_disagrees_with_torch_is_not_used(tiny, monkeypatch, fresh_process):
     monkeypatch.setattr(runtime_onnx, "max_difference", lambda *a: 3e-3)
     runner = ModelRunner(tiny, torch.device("cpu"), runtime="onnx")
     with pytest.warns(runtime_onnx.RuntimeFallbackWarning, match="disagrees"):
         runner(RNG.normal(size=(1, 3, TILE, TILE)).astype(np.float32))
     assert not runner.uses_graph
+
+
+def test_segment_command_with_runtime_onnx_gives_the_labels_of_torch(tiny, tmp_path, monkeypatch,
+                                                                     capsys):
+    import imageio.v3 as iio
+    import tifffile
+
+    from napari_dca import cli
+    from src_models.checkpoints import card_for, save_checkpoint
+    card = card_for(tiny, task="nuclei", tile_size=TILE, instance_params={"min_size": 1})
+    checkpoint = save_checkpoint(tiny, tmp_path / "tiny.safetensors", card)
+    iio.imwrite(tmp_path / "a.png", rgb(90, 110))
+    monkeypatch.setattr(runtime_onnx, "export_graph", None)  # the graph of these weights is cached
+    labels = {}
+    for runtime in ("onnx", "torch"):
+        out = tmp_path / runtime
+        assert cli.main(["segment", str(tmp_path / "a.png"), "-o", str(out), "-c", str(checkpoint),
+                         "--runtime", runtime, "--quiet"]) == 0
+        (found,) = [p for p in out.iterdir() if p.suffix == ".tif"]
+        labels[runtime] = tifffile.imread(found)
+    assert "warning" not in capsys.readouterr().err  # no fallback: the cached graph ran
+    assert np.mean((labels["onnx"] > 0) == (labels["torch"] > 0)) > 0.999
 
 
 def test_runtime_choice_auto_torch_onnx(monkeypatch):
