@@ -68,6 +68,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (1..number of CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (summary lines only)")
+    from ._cli_slides import add_slide_options
+    add_slide_options(p)
     return p
 
 
@@ -96,13 +98,17 @@ def check_options(args) -> None:
 
 
 def run(args) -> int:
-    from src_models.image_io import list_images
+    from src_models.image_io import IMAGE_SUFFIXES, list_images
     from src_models.inference import card_value, select_device
     from src_models.segment_outputs import plan_outputs
+    from src_models.slide.reader import SLIDE_SUFFIXES
+
+    from ._cli_slides import segment_slides, split_slides
 
     check_options(args)
-    images = list_images(args.inputs)
-    if not images:
+    # whole-slide images (pyramids, huge tiled TIFFs) go through the slide pipeline
+    slides, images = split_slides(list_images(args.inputs, IMAGE_SUFFIXES + SLIDE_SUFFIXES))
+    if not images and not slides:
         raise ValueError("no .tif/.tiff/.png/.jpg/.jpeg images in " + ", ".join(args.inputs))
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -113,7 +119,7 @@ def run(args) -> int:
         if job.done:
             print(f"{job.source.name}: already done ({job.outputs['labels'].name} exists; "
                   f"--overwrite to redo)", file=sys.stderr)
-    if not todo:
+    if not todo and not slides:
         print(f"all {len(jobs)} images already segmented in {out_dir}", file=sys.stderr)
         return 0
     try:
@@ -142,6 +148,9 @@ def run(args) -> int:
             continue
         from tqdm import tqdm
         tqdm.write(line)
+    if slides:
+        failures += segment_slides(slides, args, mode, model, card)
+        todo = todo + slides
     if failures:
         print(f"{len(failures)} of {len(todo)} images failed: "
               + ", ".join(p.name for p in failures[:10]) + (" ..." if len(failures) > 10 else ""),

@@ -100,8 +100,9 @@ class GeoJSONWriter:
     temporary file renamed to `path` by close()."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".part")
+        from ..safe_write import check_output_path, partial_name
+        self.path = check_output_path(path)
+        self.tmp = partial_name(self.path)
         self.file = open(self.tmp, "w", encoding="utf-8")
         self.file.write('{"type": "FeatureCollection", "features": [\n')
         self.count = 0
@@ -114,6 +115,8 @@ class GeoJSONWriter:
 
     def close(self) -> Path:
         self.file.write("\n]}\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
         return self.path

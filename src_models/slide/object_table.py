@@ -111,8 +111,9 @@ class ObjectTableWriter:
     """CSV rows written as they come, into a temporary file renamed by close()."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".part")
+        from ..safe_write import check_output_path, partial_name
+        self.path = check_output_path(path)
+        self.tmp = partial_name(self.path)
         self.file = open(self.tmp, "w", newline="", encoding="utf-8")
         self.writer = csv.writer(self.file)
         self.writer.writerow(COLUMNS)
@@ -127,6 +128,8 @@ class ObjectTableWriter:
         self.count += 1
 
     def close(self) -> Path:
+        self.file.flush()
+        os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
         return self.path

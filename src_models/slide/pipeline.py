@@ -33,6 +33,7 @@ from .zarr_labels import LabelPyramidWriter, open_labels, pyramid_levels
 # progress(stage, done, total, seconds_left or None); stages: "segment", "write", "measure"
 SlideProgress = Callable[[str, int, int, "float | None"], Any]
 CLASS_NAMES = {"nuclei": "Nucleus", "glands": "Gland"}
+LABELS_SUFFIX, GEOJSON_SUFFIX, TABLE_SUFFIX = ".labels.ome.zarr", ".objects.geojson", ".objects.csv"
 
 
 @dataclass
@@ -60,16 +61,21 @@ class SlideResult:
 
 
 def output_paths(slide_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    stem = Path(slide_path).name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    else:
-        stem = Path(stem).stem
-    out_dir = Path(out_dir)
-    return {"labels": out_dir / f"{stem}.ome.zarr", "geojson": out_dir / f"{stem}.geojson",
-            "table": out_dir / f"{stem}_objects.csv", "run": out_dir / f"{stem}.run"}
+    """The slide's outputs, named like `napari-dca segment`'s others (segment_outputs.py): the
+    input's full file name plus a suffix, so x.svs and x.ndpi never collide."""
+    name, out_dir = Path(slide_path).name, Path(out_dir)
+    return {"labels": out_dir / f"{name}{LABELS_SUFFIX}",
+            "geojson": out_dir / f"{name}{GEOJSON_SUFFIX}",
+            "table": out_dir / f"{name}{TABLE_SUFFIX}",
+            "run": out_dir / f".{name}.run"}
+
+
+def is_done(slide_path: str | Path, out_dir: str | Path, geojson: bool = True,
+            table: bool = True) -> bool:
+    """Whether every requested output of this slide exists (each appears only when complete)."""
+    paths = output_paths(slide_path, out_dir)
+    wanted = ["labels"] + (["geojson"] if geojson else []) + (["table"] if table else [])
+    return all(paths[k].exists() for k in wanted)
 
 
 class _Eta:

@@ -45,7 +45,7 @@ class LabelPyramidWriter:
                  colors: dict[int, tuple[int, int, int]] | None = None):
         import zarr
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".part")
+        self.tmp = self.path.with_name(f".{self.path.name}.partial")   # dot: folder listings skip it
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.shape = (int(shape[0]), int(shape[1]))
