@@ -1,14 +1,23 @@
 """Checkpoints are data: safetensors weights + a JSON model card, never pickled code.
 
 `save_checkpoint` writes `<name>.safetensors` with the card embedded in its metadata (one file is a
-complete checkpoint: a user can drop it on napari) and a readable `<name>.json` copy beside it.
+complete checkpoint: a user can drop it on napari) and a readable `<name>.json` copy beside it,
+both atomically (safe_write: the bytes are made here, not left to the installed safetensors'
+version). A path that does not end in .safetensors gets it appended: `mymodel.v2` ->
+`mymodel.v2.safetensors` + `mymodel.v2.json` (never `mymodel.safetensors`).
+
 `load_checkpoint` takes a bundled name ("nuclei", "glands"), one of our files, or a checkpoint
-from the official DCA code (.pt/.pth, read weights-only and converted).
+from the official DCA code (.pt/.pth, read weights-only and converted; its card is passed in or is
+the `.json` beside it). Before anything is built, the card is validated field by field
+(card_schema) and the model it describes is built on PyTorch's `meta` device (no memory) and
+compared with the tensor names and shapes in the file's header; its size is bounded. Weights with
+NaN/inf are refused.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,15 +26,19 @@ import torch
 import torch.nn as nn
 
 from . import __version__
+from .card_schema import CheckpointError, validate_card
 from .preprocess import DEFAULT_NORMALIZATION
-from .registry import build_model, list_models
+from .registry import build_model
+from .safe_write import write_bytes_atomic, write_text_atomic
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 CARD_METADATA_KEY = "napari_dca_model_card"
+# A model larger than this is refused before it is built (the paper's largest, V-Net at k = 0.5,
+# has about 0.1 G parameters).
+MAX_PARAMETERS = 500_000_000
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with a message saying why."""
+__all__ = ["CheckpointError", "ModelCard", "card_for", "checkpoint_path", "load_checkpoint",
+           "save_checkpoint"]
 
 
 @dataclass
@@ -55,20 +68,9 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
-        if not isinstance(d, dict):
-            raise CheckpointError(f"model card must be a JSON object, got {type(d).__name__}")
-        missing = [k for k in cls.REQUIRED if k not in d]
-        if missing:
-            raise CheckpointError(f"model card is missing required field(s) {missing}; "
-                                  f"a card needs at least {list(cls.REQUIRED)}")
-        known = {f.name for f in fields(cls)}
-        card = cls(**{k: v for k, v in d.items() if k in known})
-        if card.architecture not in list_models():
-            raise CheckpointError(f"model card names architecture {card.architecture!r}, "
-                                  f"which is not one of {list_models()}")
-        if not isinstance(card.model_kwargs, dict):
-            raise CheckpointError("model card field 'model_kwargs' must be an object of constructor arguments")
-        return card
+        """A card from its JSON form; CheckpointError naming the field for any bad value
+        (card_schema.validate_card)."""
+        return cls(**validate_card(d, known_fields={f.name for f in fields(cls)}))
 
     @property
     def num_classes(self) -> int:
@@ -94,92 +96,166 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     if isinstance(name_or_path, str) and name_or_path in bundled:
         return bundled[name_or_path]
     path = Path(name_or_path).expanduser()
-    if not path.exists():
+    if not path.is_file():
         hint = f"bundled names: {sorted(bundled)}" if bundled else "no bundled checkpoints are installed"
-        raise CheckpointError(f"no checkpoint {str(name_or_path)!r}: not a file, and not a bundled name ({hint})")
+        what = "is a folder" if path.is_dir() else "not a file"
+        raise CheckpointError(f"no checkpoint {str(name_or_path)!r}: {what}, and not a bundled name ({hint})")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path.name}: empty file (0 bytes); was it copied or saved completely?")
     return path
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, card: ModelCard | dict) -> Path:
-    """Write `path` (.safetensors, card embedded) and `<stem>.json`. Returns the .safetensors path."""
-    from safetensors.torch import save_file
-
-    if isinstance(card, dict):
-        card = ModelCard.from_dict(card)
+def checkpoint_path(path: str | Path) -> Path:
+    """The .safetensors path a checkpoint saved as `path` gets: `path` itself when it ends in
+    .safetensors, else `path` + ".safetensors" (the user's own suffix, e.g. `.v2`, is kept)."""
     path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return path if path.suffix.lower() == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
+def card_path(weights: str | Path) -> Path:
+    """The readable .json card beside a checkpoint's weights (x.safetensors -> x.json)."""
+    return checkpoint_path(weights).with_suffix(".json")
+
+
+def non_finite_weights(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf."""
+    return [k for k, v in state.items()
+            if v.is_floating_point() and v.device.type != "meta" and not bool(torch.isfinite(v).all())]
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, card: ModelCard | dict,
+                    overwrite: bool = True) -> Path:
+    """Write the .safetensors (card embedded) and the .json card beside it, each atomically.
+    Returns the .safetensors path (see checkpoint_path for the naming rule). Refuses
+    (CheckpointError) weights with NaN/inf and an invalid card; overwrite=False refuses an
+    existing file (safe_write.OutputExistsError)."""
+    from safetensors.torch import save
+
+    card = ModelCard.from_dict(card.to_dict() if isinstance(card, ModelCard) else card)
+    path = checkpoint_path(path)
     card_json = json.dumps(card.to_dict(), indent=1, sort_keys=True, default=str)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={CARD_METADATA_KEY: card_json, "format": "pt"})
-    path.with_suffix(".json").write_text(card_json + "\n")
+    bad = non_finite_weights(state)
+    if bad:
+        raise CheckpointError(f"not saving {path.name}: {len(bad)} weight tensor(s) hold NaN or inf "
+                              f"(e.g. {bad[0]!r}); the training diverged")
+    data = save(state, metadata={CARD_METADATA_KEY: card_json, "format": "pt"})
+    write_bytes_atomic(path, data, overwrite=overwrite)
+    write_text_atomic(card_path(path), card_json + "\n", overwrite=True)
     return path
 
 
-def _read_card(path: Path) -> ModelCard:
+def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """(metadata, {tensor name: shape}) from the header only; no tensor is read."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{path.name} is not a readable safetensors file ({err}); "
                               f"is it truncated or another format?") from err
+    return meta, shapes
+
+
+def _card_text(path: Path, meta: dict[str, str]) -> str:
     text = meta.get(CARD_METADATA_KEY)
-    sidecar = path.with_suffix(".json")
-    if text is None and sidecar.exists():
-        text = sidecar.read_text()
+    sidecar = card_path(path)
+    if text is None and sidecar.is_file():
+        text = sidecar.read_text(encoding="utf-8", errors="replace")
     if text is None:
         raise CheckpointError(f"{path.name} has no model card (neither embedded nor {sidecar.name}); "
                               f"it cannot say which model to build")
-    try:
-        return ModelCard.from_dict(json.loads(text))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"the model card of {path.name} is not valid JSON: {err}") from err
+    return text
 
 
-def _build(card: ModelCard) -> nn.Module:
+def _parse_card(text: str, source: str) -> ModelCard:
     try:
-        return build_model(card.architecture, **card.model_kwargs)
-    except TypeError as err:
+        d = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"the model card of {source} is not valid JSON: {err}") from err
+    return ModelCard.from_dict(d)
+
+
+def _read_card(path: Path) -> ModelCard:
+    meta, _ = _safetensors_header(path)
+    return _parse_card(_card_text(path, meta), path.name)
+
+
+def _build(card: ModelCard, device: str | torch.device | None = None) -> nn.Module:
+    try:
+        if device is None:
+            return build_model(card.architecture, **card.model_kwargs)
+        with torch.device(device):
+            return build_model(card.architecture, **card.model_kwargs)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, OverflowError) as err:
         raise CheckpointError(f"model card's model_kwargs do not fit {card.architecture}: {err}") from err
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    ours = model.state_dict()
-    missing = sorted(set(ours) - set(state))
-    unexpected = sorted(set(state) - set(ours))
+def planned_shapes(card: ModelCard) -> dict[str, tuple[int, ...]]:
+    """{weight name: shape} of the model the card describes, built on the meta device (no memory
+    is allocated however large the card says the model is). CheckpointError above MAX_PARAMETERS."""
+    meta_model = _build(card, "meta")
+    shapes = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
+    total = sum(math.prod(s) for s in shapes.values())
+    if total > MAX_PARAMETERS:
+        raise CheckpointError(f"the model card describes a {card.architecture} with {total / 1e6:.0f} M "
+                              f"parameters (more than {MAX_PARAMETERS / 1e6:.0f} M); refusing to build it. "
+                              f"Check model_kwargs (e.g. width)")
+    return shapes
+
+
+def _compare_shapes(ours: dict[str, tuple[int, ...]], theirs: dict[str, tuple[int, ...]],
+                    source: str) -> None:
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
     if missing or unexpected:
         raise CheckpointError(f"{source} does not match the model its card describes: "
                               f"{len(missing)} missing weights {missing[:3]}, "
                               f"{len(unexpected)} unexpected {unexpected[:3]}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(ours[key].shape):
-            raise CheckpointError(f"{source}: weight {key!r} has shape {tuple(tensor.shape)} but the model "
-                                  f"needs {tuple(ours[key].shape)} (e.g. a checkpoint for another number "
-                                  f"of classes or input channels)")
+    for key, shape in theirs.items():
+        if tuple(shape) != tuple(ours[key]):
+            raise CheckpointError(f"{source}: weight {key!r} has shape {tuple(shape)} but the model "
+                                  f"needs {tuple(ours[key])} (e.g. a checkpoint for another number "
+                                  f"of classes or input channels, or a card with another width)")
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    _compare_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                    {k: tuple(v.shape) for k, v in state.items()}, source)
+    _refuse_non_finite(state, source)
     model.load_state_dict(state)
+
+
+def _refuse_non_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    bad = non_finite_weights(state)
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]!r}); "
+                              f"the model that saved them had diverged. Use an earlier checkpoint")
 
 
 def load_checkpoint(name_or_path: str | Path, device: str | torch.device = "cpu",
                     card: ModelCard | dict | None = None) -> tuple[nn.Module, ModelCard]:
     """A ready model (eval mode, on `device`) and its card.
 
-    For official .pt/.pth files pass `card` (at least architecture and model_kwargs in the reference
-    constructor's names under `model_kwargs["official"]`, or ours) since they carry none."""
+    For official .pt/.pth files the card is `card` or, when not given, the `.json` beside the file:
+    at least architecture and model_kwargs, in the reference constructor's names under
+    `model_kwargs["official"]` or in ours."""
     path = resolve_checkpoint(name_or_path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        card_obj = _read_card(path) if card is None else (
-            card if isinstance(card, ModelCard) else ModelCard.from_dict(card))
-        model = _build(card_obj)
+        meta, shapes = _safetensors_header(path)
+        card_obj = _parse_card(_card_text(path, meta), path.name) if card is None else (
+            ModelCard.from_dict(card.to_dict() if isinstance(card, ModelCard) else card))
+        _compare_shapes(planned_shapes(card_obj), shapes, path.name)  # before allocating anything
         try:
             state = load_file(str(path))
         except Exception as err:
             raise CheckpointError(f"cannot read the weights in {path.name}: {err}") from err
+        model = _build(card_obj)
         _load_into(model, state, path.name)
     elif suffix in (".pt", ".pth"):
         model, card_obj = _load_official(path, card)
@@ -190,18 +266,34 @@ def load_checkpoint(name_or_path: str | Path, device: str | torch.device = "cpu"
 
 
 def _load_official(path: Path, card: ModelCard | dict | None) -> tuple[nn.Module, ModelCard]:
-    from .convert import convert_official_state_dict, official_kwargs_to_ours
+    from .convert import _REFERENCE_FIXED_KWARGS, convert_official_state_dict, official_kwargs_to_ours
 
+    sidecar = path.with_suffix(".json")
+    if card is None and sidecar.is_file():
+        try:
+            card = json.loads(sidecar.read_text(encoding="utf-8", errors="replace"))
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise CheckpointError(f"{sidecar.name} (the card of {path.name}) is not valid JSON: {err}") from err
     if card is None:
-        raise CheckpointError(f"{path.name} is a reference-code checkpoint with no model card: pass "
-                              f"card={{'architecture': ..., 'model_kwargs': {{'official': {{...}}}}}} "
+        raise CheckpointError(f"{path.name} is a checkpoint of the official DCA code and carries no model "
+                              f"card: put {sidecar.name} beside it, e.g. {{\"architecture\": \"unet\", "
+                              f"\"model_kwargs\": {{\"official\": {{\"attention\": true, \"k\": 0.5}}}}}} "
                               f"with the reference constructor's arguments")
-    card_d = card.to_dict() if isinstance(card, ModelCard) else dict(card)
-    kwargs = dict(card_d.get("model_kwargs", {}))
-    if "official" in kwargs:
-        kwargs = official_kwargs_to_ours(kwargs["official"])
-    card_d["model_kwargs"] = kwargs
+    card_d = card.to_dict() if isinstance(card, ModelCard) else card
+    if not isinstance(card_d, dict):
+        raise CheckpointError(f"the model card of {path.name} must be a JSON object")
+    card_d = dict(card_d)
+    kwargs = card_d.get("model_kwargs", {})
+    if isinstance(kwargs, dict) and "official" in kwargs:
+        if not isinstance(kwargs["official"], dict):
+            raise CheckpointError("model card field 'model_kwargs.official' must be an object")
+        try:
+            kwargs = official_kwargs_to_ours(kwargs["official"])
+        except ValueError as err:
+            raise CheckpointError(f"model card of {path.name}: {err}") from err
+        card_d["model_kwargs"] = {**kwargs, **_REFERENCE_FIXED_KWARGS.get(card_d.get("architecture"), {})}
     card_obj = ModelCard.from_dict(card_d)
+    planned = planned_shapes(card_obj)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
@@ -210,9 +302,13 @@ def _load_official(path: Path, card: ModelCard | dict | None) -> tuple[nn.Module
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path.name} holds no state dict of tensors")
-    model = _build(card_obj)
+    meta_model = _build(card_obj, "meta")
     try:
-        model.load_state_dict(convert_official_state_dict(card_obj.architecture, state, model))
+        converted = convert_official_state_dict(card_obj.architecture, state, meta_model)
     except ValueError as err:
-        raise CheckpointError(str(err)) from err
+        raise CheckpointError(f"{path.name}: {err}") from err
+    _compare_shapes(planned, {k: tuple(v.shape) for k, v in converted.items()}, path.name)
+    _refuse_non_finite(converted, path.name)
+    model = _build(card_obj)
+    model.load_state_dict(converted)
     return model, card_obj

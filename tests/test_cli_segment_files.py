@@ -161,6 +161,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_kill_9_mid_batch_leaves_only_complete_files_and_a_rerun_resumes(tiny_checkpoint, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
