@@ -174,8 +174,30 @@ class InstanceMaker:
             raise ValueError(f"mode must be one of {MODES}, got {p.mode!r}")
         if p not in self._cache:
             self._cache.clear()  # keep one result: label images of big slides are large
-            self._cache[p] = self._derive(p)
+            self._cache[p] = self._derive_chunked(p) if self._is_large(p) else self._derive(p)
         return self._cache[p]
+
+    def _is_large(self, p: InstanceParams) -> bool:
+        from . import chunked_instances
+        h, w = self.prob.shape[-2:]
+        return p.mode != "semantic" and h * w > chunked_instances.CHUNKED_ABOVE_PIXELS
+
+    def _derive_chunked(self, p: InstanceParams) -> np.ndarray:
+        """Large images: the same per-window labelling, chunk by chunk with seams stitched
+        (src_models.chunked_instances), so the instance step's temporaries stay bounded."""
+        from .chunked_instances import chunked_labels, rule_for
+
+        def label_window(window: np.ndarray) -> np.ndarray:   # never chunked again
+            return InstanceMaker(window, multiclass=self.multiclass)._derive(p)
+        planes = list(self.prob) if self.stack else [self.prob]
+        out, offset = [], 0
+        for prob in planes:
+            labels = chunked_labels(prob, label_window, rule_for(p))
+            if offset:
+                labels[labels > 0] += offset
+            offset = max(offset, int(labels.max()))
+            out.append(labels)
+        return np.stack(out) if self.stack else out[0]
 
     def _derive(self, p: InstanceParams) -> np.ndarray:
         planes = list(range(self.prob.shape[0])) if self.stack else [None]

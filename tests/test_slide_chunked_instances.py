@@ -129,3 +129,18 @@ def test_interrupted_run_resumes_to_the_same_labels(tmp_path, rule, fn):
     assert np.array_equal(work, reference)
     assert resumed.n_objects == ref.n_objects
     assert np.array_equal(resumed.boxes, ref.boxes)
+
+
+def test_instance_maker_sends_large_images_through_the_chunked_step(monkeypatch):
+    import src_models.chunked_instances as ci
+    from src_models.instances import InstanceMaker
+    prob = discs((300, 2200), [(150, 2048, 9), (150, 1000, 9), (40, 40, 6)])
+    calls = []
+    real = ci.chunked_labels
+    monkeypatch.setattr(ci, "chunked_labels", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(ci, "CHUNKED_ABOVE_PIXELS", 300 * 2000)
+    labels = InstanceMaker(prob, {"task": "nuclei"}).labels()
+    assert calls and labels.max() == 3
+    assert labels[150, 2040] == labels[150, 2056] > 0      # one nucleus across x = 2048
+    stack = InstanceMaker(np.stack([prob, prob]), {"task": "glands"}, stack=True).labels()
+    assert stack[0].max() == 3 and stack[1].max() == 6     # ids unique across planes
