@@ -1,7 +1,11 @@
-"""Dropping a DCA `.safetensors` checkpoint on napari makes it the current model (no layers)."""
+"""napari readers: dropping a DCA `.safetensors` checkpoint makes it the current model (no layers);
+opening a whole-slide image (SVS, NDPI, SCN, BIF, OME-TIFF / pyramidal TIFF, openslide formats)
+gives a lazy multiscale layer and its tissue mask. Also the Labels -> QuPath GeoJSON writer."""
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 
 def get_reader(path):
@@ -51,3 +55,61 @@ def read_checkpoint(path):
     show_info(f"napari-dca: loaded {Path(path).name} ({state.card.architecture}, task "
               f"{state.card.task}) as the current model. Open Plugins > DCA segmentation > Segment.")
     return [(None,)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-slide images: one lazy multiscale RGB layer (µm scale) plus the detected tissue as an
+# editable Labels layer. Plain TIFFs are not claimed (get_slide_reader returns None) and keep
+# opening with napari's own reader.
+# ----------------------------------------------------------------------------------------------
+
+def get_slide_reader(path):
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    from src_models.slide.reader import is_slide
+    return read_slide if is_slide(path) else None
+
+
+def read_slide(path):
+    """[(levels, image kwargs, "image"), (tissue mask, labels kwargs, "labels")] for a slide.
+    Layers are in µm when the slide says its pixel size (level-0 pixels otherwise), so a result
+    computed in level-0 pixels lands aligned with scale = µm/px."""
+    from src_models.slide.reader import open_slide
+    from src_models.slide.tissue import slide_tissue
+
+    path = path[0] if isinstance(path, list) else path
+    slide = open_slide(path)   # stays open: the layer reads its tiles lazily
+    name = Path(path).name
+    scale = slide.mpp or (1.0, 1.0)
+    info = {"path": str(path), "format": slide.format, "mpp": slide.mpp,
+            "shape": list(slide.shape), "downsamples": slide.downsamples}
+    image = (slide.as_dask(), {"name": name, "multiscale": True, "rgb": True, "scale": scale,
+                               "metadata": {"napari_dca_slide": info}}, "image")
+    tissue = slide_tissue(slide)
+    dy, dx = tissue.downsample
+    # mask pixel i covers level-0 pixels [i*d, (i+1)*d): its centre is (d-1)/2 further on
+    mask_kwargs = {"name": f"{name} tissue", "scale": (scale[0] * dy, scale[1] * dx),
+                   "translate": ((dy - 1) / 2 * scale[0], (dx - 1) / 2 * scale[1]),
+                   "opacity": 0.35,
+                   "metadata": {"napari_dca_tissue": {"slide": str(path), "method": tissue.method,
+                                                      "downsample": [dy, dx]}}}
+    return [image, (tissue.mask.astype(np.uint8), mask_kwargs, "labels")]
+
+
+def write_labels_geojson(path, data, meta):
+    """napari writer (File > Save Selected Layers... as .geojson): a Labels layer as QuPath GeoJSON
+    in level-0 pixels of its slide (the layer's translate / scale gives its offset)."""
+    from src_models.slide.geojson import labels_to_geojson
+
+    labels = data[0] if isinstance(data, (list, tuple)) else data   # multiscale: full resolution
+    scale = np.asarray(meta.get("scale", (1.0, 1.0)), float)[-2:]
+    translate = np.asarray(meta.get("translate", (0.0, 0.0)), float)[-2:]
+    offset = tuple(int(round(t / s)) for t, s in zip(translate, scale))
+    task = (meta.get("metadata") or {}).get("napari_dca", {}).get("task") \
+        if isinstance((meta.get("metadata") or {}).get("napari_dca"), dict) else None
+    class_name = "Gland" if task == "glands" else "Nucleus"
+    labels_to_geojson(np.asarray(labels), path, class_name=class_name, offset=offset,
+                      image_name=str(meta.get("name", "labels")))
+    return [str(path)]

@@ -73,3 +73,34 @@ def test_blank_glass_has_no_tissue():
     mask, _ = detect_tissue(glass)
     assert not mask.any()
     assert TissueMask.everywhere((100, 100)).touches(0, 1, 0, 1)
+
+
+def test_napari_reader_gives_a_multiscale_layer_in_microns_and_the_tissue(aperio_slide, tmp_path):
+    from napari_dca._reader import get_slide_reader, read_slide
+    path, _ = aperio_slide
+    assert get_slide_reader(str(path)) is read_slide
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, np.zeros((32, 32, 3), np.uint8))
+    assert get_slide_reader(str(plain)) is None          # napari's own reader keeps plain TIFFs
+    (levels, kwargs, kind), (mask, mask_kwargs, mask_kind) = read_slide(str(path))
+    assert kind == "image" and kwargs["multiscale"] and kwargs["rgb"]
+    assert kwargs["scale"] == pytest.approx((0.5, 0.5)) and len(levels) == 3
+    assert levels[0].shape == (2048, 3072, 3)
+    assert mask_kind == "labels" and mask.any()
+    # the mask's pixels cover 16 level-0 pixels: its extent in µm equals the slide's
+    assert mask.shape[0] * mask_kwargs["scale"][0] == pytest.approx(2048 * 0.5, rel=0.02)
+
+
+def test_labels_layer_saved_as_geojson_is_in_level0_pixels(tmp_path):
+    import json
+    from napari_dca._reader import write_labels_geojson
+    labels = np.zeros((40, 60), np.uint8)
+    labels[10:20, 30:45] = 3
+    meta = {"scale": (0.5, 0.5), "translate": (50.0, 100.0), "name": "region"}  # µm
+    write_labels_geojson(str(tmp_path / "r.geojson"), labels, meta)
+    feat = json.loads((tmp_path / "r.geojson").read_text())["features"][0]
+    ring = np.asarray(feat["geometry"]["coordinates"][0])
+    assert feat["properties"]["objectType"] == "detection"
+    # level-0 pixel offset = translate / scale = (100, 200): x in [230, 245], y in [110, 120]
+    assert ring[:, 0].min() == pytest.approx(230) and ring[:, 0].max() == pytest.approx(245)
+    assert ring[:, 1].min() == pytest.approx(110) and ring[:, 1].max() == pytest.approx(120)
