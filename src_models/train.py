@@ -4,6 +4,13 @@ Random crops at the tile size from full-resolution images (or, as an option for 
 the paper's table, whole images resized to 224x224), H&E-aware augmentation, Dice + cross-entropy,
 AdamW with warm-up and cosine decay, early stopping on validation Dice, a time budget, resumable,
 seeded. The best model so far is always on disk as a checkpoint with a complete card.
+
+Files: the checkpoint is `checkpoints.checkpoint_path(cfg.out)` (the user's suffix kept:
+`mymodel.v2` -> `mymodel.v2.safetensors`), its resume state `<stem>.resume.pt` beside it; both are
+written atomically (safe_write). An existing checkpoint is refused unless cfg.overwrite (or
+cfg.resume, which continues the run that wrote it). A cancel before the first validation writes
+nothing. A NaN/inf loss (or weights) stops training: nothing more is written, so the last good
+checkpoint on disk stays as it was.
 """
 from __future__ import annotations
 
@@ -18,7 +25,8 @@ import numpy as np
 import torch
 
 from .augment import AugmentConfig, colour, geometric, random_crop
-from .checkpoints import ModelCard, card_for, save_checkpoint
+from .checkpoints import CheckpointError, ModelCard, card_for, checkpoint_path, non_finite_weights, \
+    save_checkpoint
 from .data import Sample, load_samples, split_names
 from .inference import predict, select_device
 from .instances import foreground_probability
@@ -68,6 +76,61 @@ class TrainConfig:
     trained_on: str = ""
     gap_weight: float = 1.0                     # CE weight on gaps between touching instances (1 = off)
     gap_radius: int = 6                         # pixels: how close two instances must be for a gap
+    overwrite: bool = False                     # replace an existing checkpoint at `out`
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights became NaN/inf; the message says what was kept."""
+
+
+def resume_path(out: str | Path) -> Path:
+    """The resume state beside a checkpoint: mymodel.v2.safetensors -> mymodel.v2.resume.pt."""
+    return checkpoint_path(out).with_suffix(".resume.pt")
+
+
+def check_output(cfg: "TrainConfig") -> Path:
+    """The checkpoint path for cfg.out; FileExistsError when it exists and neither cfg.overwrite
+    nor cfg.resume allows replacing it; ValueError for --resume without a resume file."""
+    out = checkpoint_path(cfg.out)
+    if cfg.resume and not resume_path(out).exists():
+        raise ValueError(f"no {resume_path(out).name} to resume from beside {out}; train without "
+                         f"--resume (with --overwrite to replace {out.name})")
+    if out.exists() and not (cfg.overwrite or cfg.resume):
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, --resume to continue "
+                              f"its run, or choose another -o")
+    from .safe_write import check_output_path
+    check_output_path(out)
+    return out
+
+
+def save_resume_state(path: Path, state: dict[str, Any]) -> None:
+    """torch.save into memory, then an atomic write: a kill never leaves a truncated file."""
+    import io
+
+    from .safe_write import write_bytes_atomic
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+RESUME_KEYS = ("model", "optimizer", "scheduler", "step", "best", "bad", "history", "best_metrics")
+
+
+def load_resume_state(path: Path) -> dict[str, Any]:
+    """The resume state, read weights-only (no code is unpickled); CheckpointError in one line for
+    a truncated or foreign file."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path.name}: empty file; delete it and train without --resume")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - EOFError, UnpicklingError, RuntimeError ...
+        raise CheckpointError(f"{path.name} cannot be read ({type(err).__name__}: {err}); it is "
+                              f"truncated or not a resume file: delete it and train without --resume") from err
+    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path.name} is not a napari-dca resume file (missing {missing}); "
+                              f"delete it and train without --resume")
+    return state
 
 
 class TileSampler:
@@ -159,6 +222,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     device = select_device(cfg.device)
     root = Path(cfg.data)
     train_names, val_names = split_names(root)
+    if not train_names or not val_names:
+        raise ValueError(f"{root} has {len(train_names) + len(val_names)} image/mask pair(s); training "
+                         f"needs at least 2 (one is held out for validation)")
     train_samples, val_samples = load_samples(root, train_names), load_samples(root, val_names)
 
     model = build_model(cfg.architecture, **cfg.model_kwargs).to(device)
@@ -184,17 +250,22 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
-    out = Path(cfg.out).with_suffix(".safetensors")
-    state_path = out.with_suffix(".resume.pt")
+    out = check_output(cfg)
+    state_path = resume_path(out)
     start, best, best_metrics, history, bad = 0, -1.0, {}, [], 0
-    if cfg.resume and state_path.exists():
-        st = torch.load(str(state_path), map_location="cpu", weights_only=True)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        start, best, bad = int(st["step"]), float(st["best"]), int(st["bad"])
-        history = json.loads(st["history"])
-        best_metrics = json.loads(st["best_metrics"])
+    if cfg.resume:
+        st = load_resume_state(state_path)
+        try:
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            start, best, bad = int(st["step"]), float(st["best"]), int(st["bad"])
+            history = json.loads(st["history"])
+            best_metrics = json.loads(st["best_metrics"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{state_path.name} was written for another model or settings "
+                                  f"({str(err).splitlines()[0][:160]}); resume with the same --arch, "
+                                  f"--width and --model-kwargs, or train without --resume") from err
         rng = np.random.default_rng([cfg.seed, start])
         torch.manual_seed(cfg.seed + start)
 
@@ -215,7 +286,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
                         metrics={"validation": metrics},
                         parent=Path(cfg.init).name if cfg.init else None,
                         licence=LICENCES.get(dataset_name, ""))
-        save_checkpoint(model, out, card)
+        save_checkpoint(model, out, card, overwrite=True)  # check_output allowed replacing it
 
     t0 = time.time()
     model.train()
@@ -238,6 +309,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, enabled=use_amp):
             loss = dice_ce_loss(model(x).float(), y, pixel_weight=w)
+        if not torch.isfinite(loss):  # diverged: step no further, write nothing more
+            stopped = f"non-finite loss at step {step + 1}"
+            break
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -250,16 +324,19 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         step += 1
         history.append(loss.item())
         if step % cfg.val_every == 0 or step == cfg.steps:
+            if non_finite_weights(model.state_dict()):
+                stopped = f"non-finite weights at step {step}"
+                break
             last_val = validate(model, val_samples, cfg, device) | {"step": step}
             if last_val["dice_native"] > best:
                 best, best_metrics, bad = last_val["dice_native"], last_val, 0
                 write_best(best_metrics, step)
             else:
                 bad += 1
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "step": step, "best": best, "bad": bad,
-                        "history": json.dumps(history), "best_metrics": json.dumps(best_metrics)},
-                       str(state_path))
+            save_resume_state(state_path, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "step": step, "best": best, "bad": bad,
+                "history": json.dumps(history), "best_metrics": json.dumps(best_metrics)})
             if bad >= cfg.patience:
                 stopped = "early stopping"
                 break
@@ -269,7 +346,14 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         if progress is not None:
             progress({"step": step, "steps": cfg.steps, "loss": history[-1], "validation": last_val})
     bar.close()
-    if best < 0:  # stopped before the first validation: validate and keep what we have
+    if stopped.startswith("non-finite"):
+        kept = (f"the last good checkpoint {out.name} (step {best_metrics.get('step')}) is kept"
+                if best >= 0 else "nothing was saved")
+        raise TrainingDiverged(f"training diverged: {stopped}; {kept}. Lower --lr (it was {cfg.lr:g})")
+    if best < 0 and stopped == "cancelled":  # cancelled before any validation: write nothing
+        return {"checkpoint": None, "steps": step, "stopped": stopped, "best": {},
+                "minutes": (time.time() - t0) / 60, "loss_history": history}
+    if best < 0:  # stopped by the time budget before the first validation: keep what we have
         best_metrics = validate(model, val_samples, cfg, device) | {"step": step}
         write_best(best_metrics, step)
     return {"checkpoint": str(out), "steps": step, "stopped": stopped, "best": best_metrics,
