@@ -1,0 +1,364 @@
+"""Inference runtimes side by side, in one process, alternating: prints markdown tables.
+
+    python benchmarks/bench_runtime.py [--threads 2] [--repeats 5] [--sections forward,segment,1000,train]
+        [--official PATH/TO/Dual-Cross-Attention] [--openvino]
+
+Sections (each timing is the median of --repeats runs; the runtimes alternate within every round,
+so load from other jobs falls on all of them alike):
+- forward: one batch (4 tiles of the model's tile size) through each runtime, as `predict` runs it:
+  `torch` (eager, BatchNorm folded, channels_last: what ships), `onnx` (the exported graph in ONNX
+  Runtime), `openvino` (the same exported file in OpenVINO; --openvino), and for the
+  paper-configuration DCA-U-Net the authors' own code (`official`, eager, same weights through
+  `from_official`; --official PATH to a checkout of gorkemcanates/Dual-Cross-Attention, which needs
+  einops; skipped without it). Ratios are against the eager row; max |diff| of the probabilities
+  against eager torch.
+- segment: the whole `napari-dca segment` (read the image, tiles, model, blending, instances,
+  write the labels) on a 2048x2048 H&E image, per bundled model and runtime, run in this process
+  through `napari_dca.cli.main`; then its two parts timed on their own (predict, instances) and
+  whether the labels are the same.
+- 1000: `predict` of the default (nuclei) model on a 1000x1000 H&E crop, per runtime.
+- train: eager forward and training step of U-Net with and without DCA, ours and the official
+  code's (--official), for the README's statement about DCA's cost (not an inference runtime).
+The first `onnx` call of each model exports its graph into the cache (not timed; say
+NAPARI_DCA_CACHE=/tmp/x to keep the user's cache clean). The CPU may be shared with other jobs:
+compare ratios within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = Path(os.environ.get("NAPARI_DCA_SHARED", REPO.parent / "shared"))  # the data, as in tests
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+
+def he_image(size: int, dataset: str) -> tuple[np.ndarray, str]:
+    """A size x size uint8 RGB H&E image: a training image of `dataset` (MoNuSeg for nuclei, GlaS
+    for glands) from ../shared/data, mirrored out to the size; synthetic H&E-like without it."""
+    import imageio.v3 as iio
+    folder = SHARED / "data" / dataset / "train" / "images"
+    files = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    if not files:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from bench_inference import he_like
+        return he_like(size, size), "synthetic H&E-like"
+    image = np.asarray(iio.imread(files[0]))[..., :3]
+    h, w = image.shape[:2]
+    image = np.pad(image, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)), mode="symmetric")
+    return np.ascontiguousarray(image[:size, :size]), f"{dataset} {files[0].name}, mirrored to {size}"
+
+
+def load_bundled(name: str):
+    from src_models.checkpoints import load_checkpoint
+    return load_checkpoint(name)
+
+
+def paper_model():
+    import torch
+    from src_models import build_model
+    torch.manual_seed(0)
+    return build_model("unet").eval(), {"tile_size": 224}
+
+
+def official_unet(path: Path):
+    """The authors' DCA-U-Net at the paper configuration (random weights) and ours with the same
+    weights; None when `path` is not a checkout of their code."""
+    import torch
+    sys.path.insert(0, str(path))
+    try:
+        from model.unet import Unet  # the reference's own module layout
+    except ImportError as error:
+        print(f"official code not usable at {path}: {error}", file=sys.stderr)
+        return None
+    kwargs = dict(attention=True, n=1, in_features=3, out_features=1, k=0.5, input_size=(224, 224),
+                  patch_size=8, spatial_att=True, channel_att=True,
+                  spatial_head_dim=[4, 4, 4, 4], channel_head_dim=[1, 1, 1, 1])
+    torch.manual_seed(0)
+    official = Unet(device="cpu", **kwargs).eval()
+    from src_models import from_official
+    ours = from_official("unet", official.state_dict(), kwargs).eval()
+    return official, ours
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+def alternate(functions: dict, repeats: int) -> dict[str, float]:
+    """Median wall seconds of each function, the functions taking turns in every round."""
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}"
+
+
+def openvino_runner(onnx_path: Path, threads: int):
+    import openvino as ov
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU",
+                                  {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                                   "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    from src_models.runtime_onnx import probabilities
+
+    def run(batch):
+        return probabilities(request.infer({0: batch})[0].copy())
+    return run
+
+
+def forward_section(args) -> list[str]:
+    import torch
+    from src_models.inference import ModelRunner
+    cpu = torch.device("cpu")
+    models = []
+    for name in ("nuclei", "glands"):
+        model, card = load_bundled(name)
+        models.append((f"bundled `{name}`", model, card.tile_size, None))
+    if args.official:
+        pair = official_unet(Path(args.official))
+        if pair is not None:
+            models.append(("paper-config DCA-U-Net (same weights as the official)", pair[1], 224,
+                           pair[0]))
+    if len(models) == 2:
+        model, card = paper_model()
+        models.append(("paper-config DCA-U-Net", model, 224, None))
+
+    lines = [f"one batch of {args.batch} tiles, {args.threads} threads, median of {args.repeats} "
+             "alternating rounds (ms; ratio = eager torch / this)", "",
+             "| model | tile | runtime | ms | speed-up over eager torch | max abs diff vs torch |",
+             "|---|---|---|---|---|---|"]
+    for label, model, tile, official in models:
+        rng = np.random.default_rng(0)
+        batch = rng.normal(0, 1, (args.batch, 3, tile, tile)).astype(np.float32)
+        eager = ModelRunner(model, cpu, runtime="torch", max_batch=args.batch)
+        fast = ModelRunner(model, cpu, runtime="onnx", max_batch=args.batch)
+        reference = eager(batch)
+        fast(batch)  # exports (or loads) the graph
+        functions = {"torch (eager)": lambda: eager(batch)}
+        outputs = {}
+        if fast.uses_graph:
+            functions["onnx (ONNX Runtime)"] = lambda: fast(batch)
+            outputs["onnx (ONNX Runtime)"] = fast(batch)
+            if args.openvino:
+                graph = next(g for g in fast._graphs.values() if g is not None)
+                ov_run = openvino_runner(graph.path, args.threads)
+                functions["openvino"] = lambda: ov_run(batch)
+                outputs["openvino"] = ov_run(batch)
+        if official is not None:
+            x = torch.from_numpy(batch)
+
+            def run_official():
+                with torch.inference_mode():
+                    return torch.sigmoid(official(x)).numpy()
+            functions["official code (eager)"] = run_official
+            outputs["official code (eager)"] = run_official()
+        for fn in functions.values():
+            fn()  # warm-up
+        medians = alternate(functions, args.repeats)
+        base = medians["torch (eager)"]
+        for runtime, seconds in medians.items():
+            diff = ("-" if runtime not in outputs else
+                    f"{float(np.abs(outputs[runtime] - reference).max()):.1e}")
+            lines.append(f"| {label} | {tile} | {runtime} | {ms(seconds)} | {base / seconds:.2f}x | "
+                         f"{diff} |")
+        if official is not None and "onnx (ONNX Runtime)" in medians:
+            ratio = medians["official code (eager)"] / medians["onnx (ONNX Runtime)"]
+            lines.append(f"| {label} | {tile} | onnx against the official code | | {ratio:.2f}x "
+                         "(goal >= 1.5x) | |")
+    return lines
+
+
+def segment_section(args) -> list[str]:
+    import tifffile
+    from napari_dca import cli
+    from src_models.inference import image_layout, predict
+    from src_models.instances import InstanceMaker
+    lines = [f"{args.size}x{args.size} H&E, {args.threads} threads, median of {args.repeats} "
+             "alternating rounds (s)", "",
+             "| model | image | runtime | whole `segment` s | predict s | instances s | "
+             "speed-up (whole) | labels same as torch |", "|---|---|---|---|---|---|---|---|"]
+    runtimes = ("torch", "onnx")
+    for name, dataset in (("nuclei", "MoNuSeg"), ("glands", "GlaS")):
+        image, source = he_image(args.size, dataset)
+        model, card = load_bundled(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            tifffile.imwrite(tmp / "slide.tif", image)
+
+            def whole(runtime, tmp=tmp):
+                out = tmp / runtime
+                code = cli.main(["segment", str(tmp / "slide.tif"), "-o", str(out), "-c", name,
+                                 "--runtime", runtime, "--threads", str(args.threads), "--quiet",
+                                 "--overwrite"])
+                assert code == 0, f"segment --runtime {runtime} failed"
+
+            probs, labels = {}, {}
+
+            def parts(runtime):
+                t0 = time.perf_counter()
+                probs[runtime] = predict(model, image, card, device="cpu", runtime=runtime)
+                t1 = time.perf_counter()
+                maker = InstanceMaker(probs[runtime], card, stack=image_layout(image.shape).is_stack)
+                labels[runtime] = maker.labels()
+                return t1 - t0, time.perf_counter() - t1
+
+            for runtime in runtimes:  # warm-up; exports the onnx graph when it is not cached
+                parts(runtime)
+                whole(runtime)
+            whole_s = alternate({r: (lambda r=r: whole(r)) for r in runtimes}, args.repeats)
+            split = {r: [] for r in runtimes}
+            for _ in range(args.repeats):
+                for r in runtimes:
+                    split[r].append(parts(r))
+            on_disk = {r: tifffile.imread(next((tmp / r).glob("*.tif"))) for r in runtimes}
+        for r in runtimes:
+            pred = statistics.median(p for p, _ in split[r])
+            inst = statistics.median(i for _, i in split[r])
+            same = np.array_equal(on_disk[r], on_disk["torch"])
+            agree = float(np.mean((on_disk[r] > 0) == (on_disk["torch"] > 0)))
+            n = len(np.unique(on_disk[r])) - 1
+            verdict = "yes" if same else f"no: {agree:.5f} of pixels agree on foreground"
+            lines.append(f"| {name} | {source} | {r} | {whole_s[r]:.2f} | {pred:.2f} | {inst:.2f} | "
+                         f"{whole_s['torch'] / whole_s[r]:.2f}x (goal >= 2x) | {verdict}; "
+                         f"{n} objects; max prob diff "
+                         f"{float(np.abs(probs[r] - probs['torch']).max()):.1e} |")
+    return lines
+
+
+def thousand_section(args) -> list[str]:
+    from src_models.inference import predict
+    image, source = he_image(1000, "MoNuSeg")
+    model, card = load_bundled("nuclei")
+    runtimes = ("torch", "onnx")
+    for r in runtimes:
+        predict(model, image, card, device="cpu", runtime=r)
+    medians = alternate({r: (lambda r=r: predict(model, image, card, device="cpu", runtime=r))
+                         for r in runtimes}, args.repeats)
+    lines = [f"default model (`nuclei`), 1000x1000 ({source}), `predict` as the Segment widget "
+             f"calls it, {args.threads} threads, median of {args.repeats} alternating rounds", "",
+             "| runtime | s | goal |", "|---|---|---|"]
+    for r in runtimes:
+        lines.append(f"| {r} | {medians[r]:.2f} | <= 0.5 s |")
+    return lines
+
+
+def train_section(args) -> list[str]:
+    """The DCA overhead claim, measured: one training step (forward, BCE loss, backward, Adam) of
+    U-Net without and with DCA at the paper configuration, ours and the official code's."""
+    if not args.official:
+        return ["skipped: needs --official PATH"]
+    import torch
+    import torch.nn.functional as F
+    from src_models import build_model
+    pair = official_unet(Path(args.official))
+    if pair is None:
+        return ["skipped: the official code could not be imported"]
+    from model.unet import Unet
+    official_dca, ours_dca = pair
+    torch.manual_seed(0)
+    official_plain = Unet(device="cpu", attention=False, n=1, in_features=3, out_features=1, k=0.5,
+                          input_size=(224, 224), patch_size=8)
+    torch.manual_seed(0)
+    ours_plain = build_model("unet", dca=False)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(0, 1, (args.batch, 3, 224, 224)).astype(np.float32))
+    y = torch.from_numpy((rng.random((args.batch, 1, 224, 224)) > 0.5).astype(np.float32))
+
+    def stepper(model):
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.binary_cross_entropy_with_logits(model(x), y).backward()
+            opt.step()
+        return step
+
+    def forward(model):
+        def run():
+            model.eval()
+            with torch.inference_mode():
+                model(x)
+        return run
+
+    variants = {"ours U-Net": ours_plain, "ours U-Net + DCA": ours_dca,
+                "official U-Net": official_plain, "official U-Net + DCA": official_dca}
+    steps = {name: stepper(m) for name, m in variants.items()}
+    forwards = {name: forward(m) for name, m in variants.items()}
+    for fn in list(steps.values()) + list(forwards.values()):
+        fn()
+    step_s = alternate(steps, args.repeats)
+    forward_s = alternate(forwards, args.repeats)
+    lines = [f"U-Net at the paper configuration (k = 0.5), 224², batch {args.batch}, "
+             f"{args.threads} threads, eager PyTorch, median of {args.repeats} alternating rounds "
+             "(ms; eval forward without BatchNorm folding, as both codes are written)", "",
+             "| code | U-Net forward | U-Net + DCA forward | DCA overhead | U-Net train step | "
+             "U-Net + DCA train step | DCA overhead |", "|---|---|---|---|---|---|---|"]
+    for code in ("ours", "official"):
+        f0, f1 = forward_s[f"{code} U-Net"], forward_s[f"{code} U-Net + DCA"]
+        s0, s1 = step_s[f"{code} U-Net"], step_s[f"{code} U-Net + DCA"]
+        lines.append(f"| {code} | {ms(f0)} | {ms(f1)} | {100 * (f1 / f0 - 1):+.0f}% | {ms(s0)} | "
+                     f"{ms(s1)} | {100 * (s1 / s0 - 1):+.0f}% |")
+    ratio_f = forward_s["official U-Net + DCA"] / forward_s["ours U-Net + DCA"]
+    ratio_s = step_s["official U-Net + DCA"] / step_s["ours U-Net + DCA"]
+    lines += ["", f"official / ours, U-Net + DCA: forward {ratio_f:.2f}x, train step {ratio_s:.2f}x"]
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4, help="tiles per forward batch")
+    ap.add_argument("--size", type=int, default=2048, help="edge of the image of the segment section")
+    ap.add_argument("--sections", default="forward,segment,1000")
+    ap.add_argument("--official", default=None, metavar="PATH",
+                    help="a checkout of gorkemcanates/Dual-Cross-Attention (optional)")
+    ap.add_argument("--openvino", action="store_true", help="also time OpenVINO on the same graphs")
+    args = ap.parse_args()
+
+    import torch
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", FutureWarning)
+    import onnxruntime
+    load_start = os.getloadavg()[0]
+    sections = {"forward": forward_section, "segment": segment_section, "1000": thousand_section,
+                "train": train_section}
+    chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(chosen) - set(sections)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {list(sections)}")
+    output = []
+    for section in chosen:
+        output += [f"### {section}", ""] + sections[section](args) + [""]
+    versions = f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
+    if args.openvino:
+        import openvino
+        versions += f", openvino {openvino.__version__}"
+    print(f"\nCPU ({os.cpu_count()} cores), {versions}, {args.threads} threads, load average "
+          f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
+    print("\n".join(output))
+
+
+if __name__ == "__main__":
+    main()
