@@ -223,8 +223,7 @@ def segment_section(args) -> list[str]:
                 return t1 - t0, time.perf_counter() - t1
 
             for runtime in runtimes:  # warm-up; exports the onnx graph when it is not cached
-                parts(runtime)
-                whole(runtime)
+                predict(model, image[:512, :512], card, device="cpu", runtime=runtime)
             whole_s = alternate({r: (lambda r=r: whole(r)) for r in runtimes}, args.repeats)
             split = {r: [] for r in runtimes}
             for _ in range(args.repeats):
