@@ -9,26 +9,91 @@ from qtpy.QtWidgets import QComboBox
 
 __all__ = ["show_error", "show_info", "show_warning", "UserError", "find_owned_layer", "LayerCombo",
            "owned_metadata", "available_devices", "resolve_device", "check_image", "check_channels",
-           "worker_threads", "layer_region"]
+           "worker_threads", "layer_region", "image_key", "image_by_key", "is_edited", "track_edits",
+           "alive", "add_layer_keeping_selection", "find_owned_layers", "owner"]
 
 OWNER_KEY = "napari_dca"  # layer.metadata[OWNER_KEY] = {"role": ..., "source": ...} marks our layers
+IMAGE_KEY = "napari_dca_image_id"  # a stable id in an image layer's metadata: survives renaming
 
 
 class UserError(ValueError):
     """Bad input the user can fix; its message says what to do next."""
 
 
-def find_owned_layer(viewer, role: str, source: str):
-    """The layer this plugin made for `role` ("labels", "probabilities", ...) of image `source`."""
+def image_key(layer) -> str:
+    """The stable id of an image layer (made on first use, kept in its metadata): results and the
+    plugin's layers refer to an image by this, never by its name, so renaming keeps them."""
+    key = layer.metadata.get(IMAGE_KEY)
+    if not isinstance(key, str):
+        import uuid
+        key = uuid.uuid4().hex
+        layer.metadata[IMAGE_KEY] = key
+    return key
+
+
+def image_by_key(viewer, key: str):
+    """The image layer with stable id `key`, or None (closed meanwhile)."""
     for layer in viewer.layers:
-        meta = layer.metadata.get(OWNER_KEY)
-        if isinstance(meta, dict) and meta.get("role") == role and meta.get("source") == source:
+        if layer.metadata.get(IMAGE_KEY) == key:
             return layer
     return None
 
 
+def owner(layer) -> dict:
+    meta = layer.metadata.get(OWNER_KEY)
+    return meta if isinstance(meta, dict) else {}
+
+
+def find_owned_layers(viewer, role: str, source: str) -> list:
+    """The layers this plugin made for `role` ("instances", "probabilities", ...) of image `source`
+    (its stable id, see `image_key`)."""
+    return [layer for layer in viewer.layers
+            if owner(layer).get("role") == role and owner(layer).get("source") == source]
+
+
+def find_owned_layer(viewer, role: str, source: str):
+    found = find_owned_layers(viewer, role, source)
+    return found[-1] if found else None
+
+
 def owned_metadata(role: str, source: str, **extra) -> dict:
     return {OWNER_KEY: {"role": role, "source": source, **extra}}
+
+
+# --- the user's edits ------------------------------------------------------------------------------
+def is_edited(layer) -> bool:
+    """Whether the user painted, filled, erased or drew a polygon in this Labels layer (napari's
+    paint / labels_update events, or anything in its undo history)."""
+    return bool(owner(layer).get("edited")) or bool(getattr(layer, "_undo_history", None))
+
+
+def track_edits(layer) -> None:
+    """From the user's first edit on, mark the layer as edited: no plugin action rewrites it."""
+    def edited(*_):
+        meta = owner(layer)
+        if meta and not meta.get("edited"):
+            meta["edited"] = True
+    layer.events.paint.connect(edited)
+    layer.events.labels_update.connect(edited)
+
+
+def alive(widget) -> bool:
+    """False once Qt has deleted the C++ side of `widget` (e.g. the viewer was closed)."""
+    try:
+        widget.objectName()
+        return True
+    except RuntimeError:
+        return False
+
+
+def add_layer_keeping_selection(viewer, kind: str, data, **kwargs):
+    """viewer.add_<kind>(...) without making the new layer the active one (the user's brush stays
+    on the layer they were painting)."""
+    active = viewer.layers.selection.active
+    layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
+    if active is not None and active in viewer.layers:
+        viewer.layers.selection.active = active
+    return layer
 
 
 def check_image(layer) -> np.ndarray:
@@ -119,52 +184,84 @@ class worker_threads:
 class LayerCombo(QComboBox):
     """A combo box of the viewer's layers of some kinds, kept in sync with the layer list.
 
-    Layers this plugin made (outputs) are left out unless `include_owned`."""
+    Items refer to the layer objects (a renamed layer stays selected). Layers this plugin made
+    (outputs) are left out unless `include_owned`; `follow_new` selects a newly added layer."""
 
     def __init__(self, viewer, kinds: tuple, none_text: str | None = None,
-                 include_owned: bool = False, exclude_roles: tuple = (), parent=None):
+                 include_owned: bool = False, exclude_roles: tuple = (), follow_new: bool = False,
+                 parent=None):
         super().__init__(parent)
         self.viewer = viewer
         self.kinds = kinds
         self.none_text = none_text
         self.include_owned = include_owned
         self.exclude_roles = exclude_roles
-        for event in (viewer.layers.events.inserted, viewer.layers.events.removed,
-                      viewer.layers.events.moved):
-            event.connect(self.refresh)
-        viewer.layers.events.connect(self._on_layer_event)
+        self.follow_new = follow_new
+        self._layers: list = []
+        self._events = ((viewer.layers.events.inserted, self._on_inserted),
+                        (viewer.layers.events.removed, self.refresh),
+                        (viewer.layers.events.moved, self.refresh),
+                        (viewer.layers.events, self._on_layer_event))
+        for event, slot in self._events:
+            event.connect(slot)
+        self.destroyed.connect(self._disconnect)
         self.refresh()
+
+    def _disconnect(self, *_):
+        for event, slot in self._events:
+            try:
+                event.disconnect(slot)
+            except Exception:  # already gone with the viewer
+                pass
 
     def _accept(self, layer) -> bool:
         if not isinstance(layer, self.kinds):
             return False
-        meta = layer.metadata.get(OWNER_KEY)
-        if not isinstance(meta, dict):
+        meta = owner(layer)
+        if not meta:
             return True
         return self.include_owned and meta.get("role") not in self.exclude_roles
 
+    def _on_inserted(self, event) -> None:
+        if not alive(self):
+            return
+        self.refresh()
+        layer = getattr(event, "value", None)
+        if self.follow_new and layer is not None and self._accept(layer):
+            self.set_layer(layer)
+
     def _on_layer_event(self, event) -> None:
-        if event.type == "name":
+        if event.type == "name" and alive(self):
             self.refresh()
 
     def refresh(self, *_) -> None:
-        current = self.currentText()
+        if not alive(self):
+            return
+        current = self.layer()
         self.blockSignals(True)
         self.clear()
-        if self.none_text is not None:
-            self.addItem(self.none_text)
-        self.addItems([layer.name for layer in self.viewer.layers if self._accept(layer)][::-1])
-        idx = self.findText(current)
-        self.setCurrentIndex(idx if idx >= 0 else 0)
+        self._layers = ([None] if self.none_text is not None else []) + [
+            layer for layer in self.viewer.layers if self._accept(layer)][::-1]
+        for layer in self._layers:
+            self.addItem(self.none_text if layer is None else layer.name)
+        idx = next((i for i, layer in enumerate(self._layers) if layer is current and layer is not None), 0)
+        self.setCurrentIndex(idx)
         self.blockSignals(False)
-        if self.currentText() != current:
+        if self.layer() is not current:
             self.currentIndexChanged.emit(self.currentIndex())
 
     def layer(self):
-        name = self.currentText()
-        if not name or (self.none_text is not None and name == self.none_text):
+        i = self.currentIndex()
+        if not 0 <= i < len(self._layers):
             return None
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        layer = self._layers[i]
+        return layer if layer is not None and layer in self.viewer.layers else None
+
+    def set_layer(self, layer) -> None:
+        for i, item in enumerate(self._layers):
+            if item is layer:
+                self.setCurrentIndex(i)
+                return
 
     def select(self, name: str) -> None:
         idx = self.findText(name)

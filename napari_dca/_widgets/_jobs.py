@@ -1,9 +1,14 @@
 """Long work off the GUI thread: a progress bar + Cancel button that runs one job at a time.
 
-A job is `fn(report, cancel)`, run in napari's `thread_worker`: `report(done, total, info=None)`
-moves the bar (and hands `info` to the widget, e.g. a loss value); `cancel` is a threading.Event set
-by the Cancel button, which the engine functions check between steps (`cancel=` argument). The job's exceptions are caught in the worker and shown as a short message on the GUI
-thread (napari would otherwise show a traceback). Results reach `on_result` on the GUI thread.
+A job is `fn(report, cancel)`, run in napari's `thread_worker`: `report(done, total, info=None,
+stage=None)` moves the bar ("tile 24 / 441, about 1 min left"; `stage` names a step without a count,
+e.g. "post-processing") and hands `info` to the widget (e.g. a loss value); `cancel` is a
+threading.Event set by the Cancel button, which the engine functions check between steps. The job's
+exceptions are caught in the worker and shown as a short message on the GUI thread. Results reach
+`on_result` on the GUI thread, unless the widget was deleted meanwhile (the viewer closed).
+
+With a shared `ModelState`, the panel counts itself in `state.jobs`, so every widget can disable
+what must not run at the same time (loading a model, moving it to another device).
 """
 from __future__ import annotations
 
@@ -16,21 +21,36 @@ from napari.qt.threading import thread_worker
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QHBoxLayout, QProgressBar, QPushButton, QWidget
 
-from ._common import UserError, show_error, show_info, worker_threads
+from ._common import UserError, alive, show_error, show_info, worker_threads
 from src_models.inference import Cancelled
 
 log = logging.getLogger(__name__)
 
 
+def time_left(elapsed: float, done: int, total: int) -> str:
+    """'about 40 s left' from the rate so far ('' until there is a rate to go by)."""
+    if done <= 0 or total <= done or elapsed < 1.0:
+        return ""
+    left = elapsed / done * (total - done)
+    if left < 60:
+        return f", about {max(1, int(round(left)))} s left"
+    return f", about {int(round(left / 60))} min left"
+
+
 class JobPanel(QWidget):
     progressed = Signal(int, int)
+    staged = Signal(str)
     info = Signal(object)
+    started = Signal()
     finished = Signal()  # after the result (or error) has been handled, on the GUI thread
 
-    def __init__(self, parent=None):
+    def __init__(self, parent=None, state=None, unit: str = "step"):
         super().__init__(parent)
+        self.state = state
+        self.unit = unit
         self.bar = QProgressBar()
         self.bar.setTextVisible(True)
+        self.bar.setFormat("")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         layout = QHBoxLayout(self)
@@ -39,9 +59,13 @@ class JobPanel(QWidget):
         layout.addWidget(self.cancel_button)
         self.cancel_button.clicked.connect(self.cancel)
         self.progressed.connect(self._on_progress)
+        self.staged.connect(self._on_stage)
         self.worker = None
         self._cancel = threading.Event()
         self._last_emit = 0.0
+        self._t0 = 0.0
+        self._what = ""
+        self.destroyed.connect(self._cancel.set)  # the viewer closed: stop the job early
 
     @property
     def busy(self) -> bool:
@@ -50,11 +74,21 @@ class JobPanel(QWidget):
     def cancel(self) -> None:
         self._cancel.set()
         self.bar.setFormat("cancelling…")
+        self.cancel_button.setEnabled(False)  # pressing it again does nothing more
 
     def _on_progress(self, done: int, total: int) -> None:
+        if self._cancel.is_set():
+            return
         self.bar.setMaximum(max(total, 1))
         self.bar.setValue(done)
-        self.bar.setFormat("%v / %m")
+        unit = self.unit
+        self.bar.setFormat(f"{unit} {done} / {total}{time_left(time.monotonic() - self._t0, done, total)}")
+
+    def _on_stage(self, text: str) -> None:
+        if self._cancel.is_set():
+            return
+        self.bar.setMaximum(0)  # busy indicator: no count for this stage
+        self.bar.setFormat(text)
 
     def run(self, fn: Callable[[Callable, threading.Event], Any], on_result: Callable[[Any], None],
             what: str, hint: str = "") -> bool:
@@ -64,11 +98,15 @@ class JobPanel(QWidget):
             return False
         self._cancel.clear()
         cancel = self._cancel
+        self._t0 = time.monotonic()
+        self._what = what
 
-        def report(done: int, total: int, info: Any = None) -> None:
+        def report(done: int, total: int, info: Any = None, stage: str | None = None) -> None:
             now = time.monotonic()
+            if stage is not None:
+                self.staged.emit(stage)
             # Throttle bar updates (the GUI thread only needs ~20 per second); always pass info.
-            if done >= total or now - self._last_emit > 0.05:
+            elif done >= total or now - self._last_emit > 0.05:
                 self._last_emit = now
                 self.progressed.emit(done, total)
             if info is not None:
@@ -91,6 +129,8 @@ class JobPanel(QWidget):
         def returned(result):
             status, value = result
             outcome["status"] = "done" if status == "ok" else status
+            if not alive(self):
+                return  # the viewer (and this widget) went away while the job ran
             try:
                 if status == "ok":
                     on_result(value)
@@ -102,18 +142,27 @@ class JobPanel(QWidget):
                     show_error(msg)
             except UserError as err:
                 show_error(str(err))
+            except RuntimeError as err:
+                if alive(self):
+                    log.debug("napari-dca: handling %s failed", what, exc_info=True)
+                    show_error(f"{what}: could not show the result ({err}).")
             except Exception as err:
                 log.debug("napari-dca: handling %s failed", what, exc_info=True)
                 show_error(f"{what}: could not show the result ({err}).")
 
         def done():
             self.worker = None
+            if self.state is not None:
+                self.state.jobs = max(0, self.state.jobs - 1)
+            if not alive(self):
+                return
             self.cancel_button.setEnabled(False)
             status = "cancelled" if cancel.is_set() else outcome.get("status", "done")
             self.bar.setMaximum(max(self.bar.maximum(), 1))
             self.bar.setValue(self.bar.maximum() if status == "done" else self.bar.value())
-            self.bar.setFormat({"done": f"{what}: done", "cancelled": f"{what}: cancelled"}.get(
-                status, f"{what}: failed"))
+            seconds = time.monotonic() - self._t0
+            self.bar.setFormat({"done": f"{what}: done in {seconds:.0f} s" if seconds >= 1 else f"{what}: done",
+                                "cancelled": f"{what}: cancelled"}.get(status, f"{what}: failed"))
             self.finished.emit()
 
         self.bar.setMaximum(0)  # busy indicator until the first report
@@ -122,5 +171,8 @@ class JobPanel(QWidget):
         self.worker = work()
         self.worker.returned.connect(returned)
         self.worker.finished.connect(done)
+        if self.state is not None:
+            self.state.jobs += 1
+        self.started.emit()
         self.worker.start()
         return True

@@ -1,15 +1,41 @@
-"""The model every napari-dca widget of one viewer shares: one evented object per viewer.
+"""The state every napari-dca widget of one viewer shares: one evented object per viewer.
 
-The Model widget (and the .safetensors reader) set it; Segment, Fine-tune and Attention read it and
-listen to `state.events.model` (a new model) and `state.events.version` (same model, new weights).
+`ModelState` is the one source of truth for the current model: its weights, card, device, where it
+came from (`checkpoint`), whether it is saved, and a `version` bumped whenever the weights change.
+The Model widget (and the .safetensors reader) set it; every widget shows what it says and listens
+to `state.events.<field>`. `state.results` holds each image layer's last segmentation (keyed by the
+image's stable id, never its name): a result belongs to an image, not to the viewer.
 """
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from psygnal import evented
+from psygnal import Signal, evented
+
+
+class ImageResults:
+    """Segmentation results by image (stable id from `_common.image_key`), with a `changed(key)`
+    signal. Results are the plugin's own arrays: layers only ever get copies of them."""
+    changed = Signal(str)
+
+    def __init__(self):
+        self._by_key: dict[str, Any] = {}
+
+    def get(self, key: str | None):
+        return None if key is None else self._by_key.get(key)
+
+    def set(self, key: str, result) -> None:
+        self._by_key[key] = result
+        self.changed.emit(key)
+
+    def drop(self, key: str) -> None:
+        if self._by_key.pop(key, None) is not None:
+            self.changed.emit(key)
+
+    def keys(self) -> list[str]:
+        return list(self._by_key)
 
 
 @evented
@@ -18,19 +44,30 @@ class ModelState:
     model: Any = None            # torch.nn.Module in eval mode, or None
     card: Any = None             # src_models.checkpoints.ModelCard, or None for an untrained model
     device: str = "cpu"          # torch device string the model lives on
-    checkpoint: str = ""         # path or bundled name it came from ("" for a new model)
-    version: int = 0             # bumped whenever the weights change (fine-tune, revert)
-    result: Any = None           # the last segmentation (segment.SegmentResult), for live relabeling
+    checkpoint: str = ""         # path or bundled name the weights are saved in ("" for none)
+    saved: bool = True           # False for a fine-tuned model not saved yet
+    version: int = 0             # bumped whenever the weights change (new model, fine-tune, revert)
+    jobs: int = 0                # napari-dca workers running now (controls disable while > 0)
+    results: ImageResults = field(default_factory=ImageResults, compare=False, repr=False)
 
-    def set_model(self, model, card, checkpoint: str = "") -> None:
+    def set_model(self, model, card, checkpoint: str = "", saved: bool = True) -> None:
         with self.events.paused():  # one batch of events, after every field is consistent
             self.card = card
             self.checkpoint = str(checkpoint)
+            self.saved = bool(saved)
             self.model = model
             self.version += 1
 
     def weights_changed(self) -> None:
         self.version += 1
+
+    def model_tag(self) -> tuple:
+        """Identifies the weights now current: a result made with other weights says so."""
+        return (id(self.model), self.version)
+
+    @property
+    def busy(self) -> bool:
+        return self.jobs > 0
 
 
 _STATES: "weakref.WeakKeyDictionary[Any, ModelState]" = weakref.WeakKeyDictionary()
@@ -43,9 +80,27 @@ def get_state(viewer) -> ModelState:
         state = _STATES.get(viewer)
         if state is None:
             state = _STATES[viewer] = ModelState()
+            _forget_closed_images(viewer, state)
         return state
     except TypeError:  # not weak-referenceable: keep it by id
         return _FALLBACK.setdefault(id(viewer), ModelState())
+
+
+def _forget_closed_images(viewer, state: ModelState) -> None:
+    """Deleting an image layer drops its results (and a job finishing later finds no image)."""
+    from ._common import IMAGE_KEY
+
+    layers = getattr(viewer, "layers", None)
+    if layers is None:
+        return
+    results = weakref.ref(state.results)
+
+    def removed(event):
+        key = getattr(event.value, "metadata", {}).get(IMAGE_KEY)
+        store = results()
+        if store is not None and isinstance(key, str):
+            store.drop(key)
+    layers.events.removed.connect(removed)
 
 
 # --- recently opened checkpoint files (a small JSON list in the user's config folder) -------------
@@ -88,6 +143,38 @@ def load_model_into(state: ModelState, name_or_path: str | Path, device: str = "
 
     model, card = load_checkpoint(name_or_path, device=device)
     state.device = device
-    state.set_model(model, card, str(name_or_path))
+    state.set_model(model, card, str(name_or_path), saved=True)
     if str(name_or_path) not in bundled_checkpoints():
         add_recent_checkpoint(name_or_path)
+
+
+# --- settings remembered between sessions (Qt's QSettings; an ini file under NAPARI_DCA_CONFIG_DIR
+# when that is set, e.g. in tests) -----------------------------------------------------------------
+def settings():
+    from qtpy.QtCore import QSettings
+
+    env = os.environ.get("NAPARI_DCA_CONFIG_DIR")
+    if env:
+        return QSettings(str(Path(env) / "settings.ini"), QSettings.IniFormat)
+    return QSettings("napari-dca", "napari-dca")
+
+
+def remembered(key: str, default, kind=None):
+    """The remembered value of `key` as the type of `default` (default when unset or unreadable)."""
+    kind = kind or type(default)
+    try:
+        value = settings().value(key, None)
+        if value is None:
+            return default
+        if kind is bool:
+            return value in (True, "true", "1", 1)
+        return kind(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def remember(key: str, value) -> None:
+    try:
+        settings().setValue(key, value)
+    except Exception:  # a read-only config folder must not break the widget
+        pass

@@ -1,12 +1,13 @@
-"""Attention widget: what the DCA module looks at, as overlays on the image.
+"""Attention widget: what the DCA module looks at, in plain words, as overlays on the image.
 
-- "where the query looks (SCA)": the spatial cross-attention row of the clicked token (mean of
-  heads, or the head chosen);
-- "attention received (SCA)": how much every location is attended to, per stage;
-- "channel emphasis (CCA)": the stage's refined tokens weighted by the channel attention they get;
-  the CCA channel matrix itself is drawn below, with a colour bar for the overlay.
-Click on the canvas to set the query (optionally follow the mouse); the model runs on the tile around
-the query (or on the visible region), so big images cost one tile.
+- "Where the clicked point looks": the spatial attention (SCA) of the clicked location over its
+  tile (mean of heads, or one head under "Advanced");
+- "Which places get looked at most": how much attention every location receives (1 = as much as
+  the average location);
+- under "Advanced": "channel emphasis (CCA)" and the CCA channel matrix.
+The analysed tile is outlined on the canvas. Click-to-query is opt-in: it listens on the canvas only
+while this widget is visible, the box is ticked and the active layer is not in a drawing mode (a
+brush stroke in a Labels layer never runs attention); it never changes the active layer.
 """
 from __future__ import annotations
 
@@ -18,74 +19,99 @@ import numpy as np
 from napari.layers import Image
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QPushButton, QSizePolicy,
                             QVBoxLayout, QWidget)
+from superqt import QCollapsible
 
-from ._common import (OWNER_KEY, LayerCombo, UserError, check_channels, check_image, find_owned_layer,
+from ._common import (OWNER_KEY, LayerCombo, UserError, add_layer_keeping_selection, alive,
+                      check_channels, check_image, find_owned_layer, image_by_key, image_key,
                       layer_region, owned_metadata, show_error)
 from ._jobs import JobPanel
+from ._layout import scrolling, style_axes, theme_colors
 from ._state import get_state
 
-MAPS = {"query": "where the query looks (SCA)", "received": "attention received (SCA)",
-        "channels": "channel emphasis (CCA)"}
+MAPS = {"query": "where the clicked point looks", "received": "which places get looked at most",
+        "channels": "channel emphasis (CCA, advanced)"}
 COLORMAP = "inferno"
 MAX_REGION = 2048  # pixels per side analysed at once when no query is given
+NAVIGATION_MODES = ("pan_zoom", "transform")  # other modes draw: clicks belong to the layer
 
 
 def _has_dca(model) -> bool:
     return model is not None and any(type(m).__name__ == "DCA" for m in model.modules())
 
 
-class AttentionPlot(QWidget):
-    """Colour bar of the overlay and the CCA channel matrix of the chosen stage and head."""
+def drawing(viewer) -> bool:
+    """Whether the active layer is in a mode where a click edits it (paint, fill, erase, polygon,
+    add points / shapes, select...)."""
+    layer = viewer.layers.selection.active
+    mode = str(getattr(layer, "mode", "pan_zoom"))
+    return layer is not None and mode not in NAVIGATION_MODES
 
-    def __init__(self, parent=None):
+
+def display_limits(overlay: np.ndarray, uniform: float) -> tuple[float, float]:
+    """Colour limits from 0 to at least twice the uniform value: a near-uniform map stays one flat
+    colour instead of being stretched to look structured."""
+    hi = float(np.nanmax(overlay)) if overlay.size else uniform
+    return 0.0, max(hi, 2.0 * uniform, 1e-9)
+
+
+class AttentionPlot(QWidget):
+    """Colour bar of the overlay (with where 'uniform' lies) and, optionally, the CCA matrix."""
+
+    def __init__(self, viewer=None, with_cca: bool = False, parent=None):
         super().__init__(parent)
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        self.figure = Figure(figsize=(3.2, 3.0), dpi=90, constrained_layout=True)
+        self.colors = theme_colors(viewer)
+        self.with_cca = with_cca
+        self.figure = Figure(figsize=(3.0, 2.6 if with_cca else 0.9), dpi=90, constrained_layout=True)
+        self.figure.patch.set_facecolor(self.colors["background"])
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(240)
-        self.canvas.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.canvas.setMinimumHeight(200 if with_cca else 70)
+        self.canvas.setMaximumHeight(260 if with_cca else 90)
+        self.canvas.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
 
-    def show(self, overlay: np.ndarray | None, overlay_label: str, cca: np.ndarray | None,
-             features: tuple, stage: int, head_label: str) -> None:
+    def show_bar(self, limits: tuple[float, float], label: str, uniform: float | None) -> None:
         import matplotlib as mpl
 
         fig = self.figure
         fig.clear()
-        gs = fig.add_gridspec(2, 1, height_ratios=[1, 6])
-        ax_bar = fig.add_subplot(gs[0])
-        if overlay is not None and overlay.size:
-            lo, hi = float(np.nanmin(overlay)), float(np.nanmax(overlay))
-            hi = hi if hi > lo else lo + 1e-9
-            norm = mpl.colors.Normalize(lo, hi)
-            fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=COLORMAP), cax=ax_bar,
-                         orientation="horizontal")
-        else:
-            ax_bar.set_axis_off()
-        ax_bar.set_title(overlay_label, fontsize=8)
-        ax_bar.tick_params(labelsize=7)
-        ax = fig.add_subplot(gs[1])
+        ax = fig.add_subplot(111)
+        norm = mpl.colors.Normalize(*limits)
+        fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=COLORMAP), cax=ax, orientation="horizontal")
+        if uniform is not None:
+            ax.axvline(uniform, color=self.colors["foreground"], lw=1.5)
+            ax.text(uniform, 1.15, "uniform", transform=ax.get_xaxis_transform(), ha="center",
+                    va="bottom", fontsize=7, color=self.colors["foreground"])
+        ax.set_title(label, fontsize=8, pad=12)
+        style_axes(ax, self.colors)
+        self.canvas.draw_idle()
+
+    def show_cca(self, cca: np.ndarray | None, features: tuple, stage: int, head_label: str) -> None:
+        fig = self.figure
+        fig.clear()
+        ax = fig.add_subplot(111)
         if cca is not None:
             im = ax.imshow(cca, aspect="auto", cmap="viridis", interpolation="nearest")
-            # stage boundaries along the concatenated channels (per head: C_j / heads each)
             heads_total = cca.shape[1]
             total = sum(features)
             edge = 0.0
-            for c in features[:-1]:
+            for c in features[:-1]:  # stage boundaries along the concatenated channels
                 edge += c * heads_total / total
                 ax.axvline(edge - 0.5, color="white", lw=0.6)
-            ax.set_xlabel("channels of all stages (keys)", fontsize=8)
+            ax.set_xlabel("channels of all stages", fontsize=8)
             ax.set_ylabel(f"stage {stage + 1} channels", fontsize=8)
-            ax.set_title(f"CCA, stage {stage + 1}, {head_label}", fontsize=8)
-            ax.tick_params(labelsize=7)
-            fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=7)
+            ax.set_title(f"channel attention (CCA), stage {stage + 1}, {head_label}", fontsize=8)
+            fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=7,
+                                                                colors=self.colors["foreground"])
         else:
             ax.set_axis_off()
-            ax.text(0.5, 0.5, "no channel attention", ha="center", va="center", fontsize=8)
+            ax.text(0.5, 0.5, "no channel attention", ha="center", va="center", fontsize=8,
+                    color=self.colors["foreground"])
+        style_axes(ax, self.colors)
         self.canvas.draw_idle()
 
 
@@ -95,34 +121,47 @@ class AttentionWidget(QWidget):
         self.viewer = viewer
         self.state = get_state(viewer)
         self.maps = None        # src_models.attention.AttentionMaps of the last run
-        self.source = None      # image layer name of the last run
+        self.source = None      # stable id (image_key) of the image of the last run
         self._pending = None    # query waiting for the running job to finish (follow mouse)
         self._last_move = 0.0
+        self._callbacks = None  # (drag, move) while installed on the canvas
 
-        self.image = LayerCombo(viewer, (Image,))
+        self.image = LayerCombo(viewer, (Image,), follow_new=True)
         self.kind = QComboBox()
         for key, label in MAPS.items():
             self.kind.addItem(label, key)
         self.stage = QComboBox()
+        self.stage.setToolTip("Depth in the network: stage 1 sees fine detail, the last stage "
+                              "coarse context")
         self.head = QComboBox()
-        self.head.setToolTip("Attention head: spatial (SCA) maps and the channel (CCA) matrix; "
+        self.head.setToolTip("Attention head: spatial maps and the channel (CCA) matrix; "
                              "a model with fewer CCA heads shows its last one")
-        self.pick = QCheckBox("Click on the image to set the query")
-        self.pick.setChecked(True)
+        self.pick = QCheckBox("Click on the image to ask where that point looks")
+        self.pick.setToolTip("Only while this panel is visible and the active layer is not being "
+                             "painted or drawn on")
+        self.pick.setChecked(False)  # opt-in
         self.follow = QCheckBox("Follow the mouse")
-        self.visible_only = QCheckBox("Whole visible region (else the tile around the query)")
+        self.visible_only = QCheckBox("Whole visible region (else the tile around the point)")
         self.run_button = QPushButton("Show attention")
-        self.jobs = JobPanel()
-        self.plot = AttentionPlot()
-        self.summary = QLabel("Click on the image (or press 'Show attention').")
+        self.jobs = JobPanel(state=self.state, unit="tile")
+        self.plot = AttentionPlot(viewer)
+        self.cca_plot = AttentionPlot(viewer, with_cca=True)
+        self.summary = QLabel("Tick 'Click on the image…' and click a spot, or press 'Show "
+                              "attention' for the visible region.")
         self.summary.setWordWrap(True)
 
         form = QFormLayout()
         form.addRow("Image", self.image)
-        form.addRow("Map", self.kind)
-        form.addRow("DCA stage", self.stage)
-        form.addRow("Head", self.head)
-        layout = QVBoxLayout(self)
+        form.addRow("Show", self.kind)
+        form.addRow("Depth", self.stage)
+        advanced = QCollapsible("Advanced (heads, channel attention)")
+        adv_inner = QWidget()
+        adv_form = QFormLayout(adv_inner)
+        adv_form.addRow("Head", self.head)
+        adv_form.addRow(self.cca_plot)
+        advanced.addWidget(adv_inner)
+        self.advanced = advanced
+        layout = QVBoxLayout()
         layout.addLayout(form)
         layout.addWidget(self.pick)
         layout.addWidget(self.follow)
@@ -131,19 +170,35 @@ class AttentionWidget(QWidget):
         layout.addWidget(self.jobs)
         layout.addWidget(self.summary)
         layout.addWidget(self.plot)
+        layout.addWidget(advanced)
         layout.addStretch(1)
+        scrolling(self, layout)
 
         self.run_button.clicked.connect(lambda: self.run(query=self._last_query()))
         for combo in (self.kind, self.stage, self.head):
             combo.currentIndexChanged.connect(lambda *_: self.show_maps())
+        self.pick.toggled.connect(lambda *_: self._update_callbacks())
+        self.follow.toggled.connect(lambda *_: self._update_callbacks())
         self.jobs.finished.connect(self._after_job)
-        self.state.events.model.connect(self._on_model)
-        self.state.events.version.connect(self._on_model)
+        self._connections = [(self.state.events.model, self._on_model),
+                             (self.state.events.version, self._on_model)]
+        for signal, slot in self._connections:
+            signal.connect(slot)
+        self.destroyed.connect(lambda *_: self._teardown())
         self._on_model()
-        self._install_mouse_callbacks()
+
+    def _teardown(self):
+        self._remove_callbacks()
+        for signal, slot in self._connections:
+            try:
+                signal.disconnect(slot)
+            except Exception:
+                pass
 
     # --- model / choices -------------------------------------------------------------------------
     def _on_model(self, *_):
+        if not alive(self):
+            return
         model = self.state.model
         dca = next((m for m in model.modules() if type(m).__name__ == "DCA"), None) if model else None
         self.stage.blockSignals(True)
@@ -151,8 +206,10 @@ class AttentionWidget(QWidget):
         self.stage.clear()
         self.head.clear()
         if dca is not None:
+            n = len(dca.features)
             for i, c in enumerate(dca.features):
-                self.stage.addItem(f"stage {i + 1} ({c} channels)", i)
+                depth = "fine detail" if i == 0 else "coarse context" if i == n - 1 else "middle"
+                self.stage.addItem(f"stage {i + 1} of {n} ({depth})", i)
             heads = 1
             block = dca.blocks[0] if len(dca.blocks) else None
             if block is not None and getattr(block, "channel_att", False):
@@ -169,13 +226,37 @@ class AttentionWidget(QWidget):
     def _last_query(self):
         return None if self.maps is None else self.maps.query
 
-    # --- mouse -----------------------------------------------------------------------------------
-    def _install_mouse_callbacks(self) -> None:
+    # --- mouse: only while visible, opted in, and not drawing ------------------------------------
+    def showEvent(self, event):
+        super().showEvent(event)
+        self._update_callbacks()
+
+    def hideEvent(self, event):
+        super().hideEvent(event)
+        self._remove_callbacks()
+
+    def closeEvent(self, event):
+        self._remove_callbacks()
+        super().closeEvent(event)
+
+    @property
+    def listening(self) -> bool:
+        return self._callbacks is not None
+
+    def _update_callbacks(self) -> None:
+        if self.isVisible() and (self.pick.isChecked() or self.follow.isChecked()):
+            self._install_callbacks()
+        else:
+            self._remove_callbacks()
+
+    def _install_callbacks(self) -> None:
+        if self._callbacks is not None:
+            return
         me = weakref.ref(self)
 
         def on_drag(viewer, event):
             widget = me()
-            if widget is None or not widget.pick.isChecked():
+            if widget is None or not alive(widget) or not widget.pick.isChecked() or drawing(viewer):
                 return
             start = np.asarray(event.position)
             moved = False
@@ -189,7 +270,8 @@ class AttentionWidget(QWidget):
 
         def on_move(viewer, event):
             widget = me()
-            if widget is None or not widget.follow.isChecked():
+            if (widget is None or not alive(widget) or not widget.follow.isChecked()
+                    or drawing(viewer) or event.buttons):
                 return
             now = time.monotonic()
             if now - widget._last_move < 0.15:  # throttle: at most ~7 queries per second
@@ -200,6 +282,16 @@ class AttentionWidget(QWidget):
         self.viewer.mouse_drag_callbacks.append(on_drag)
         self.viewer.mouse_move_callbacks.append(on_move)
         self._callbacks = (on_drag, on_move)
+
+    def _remove_callbacks(self) -> None:
+        if self._callbacks is None:
+            return
+        on_drag, on_move = self._callbacks
+        for callbacks, cb in ((self.viewer.mouse_drag_callbacks, on_drag),
+                              (self.viewer.mouse_move_callbacks, on_move)):
+            if cb in callbacks:
+                callbacks.remove(cb)
+        self._callbacks = None
 
     def query_at_world(self, world) -> None:
         """Sets the query to the image pixel under world coordinates `world` and runs."""
@@ -251,7 +343,7 @@ class AttentionWidget(QWidget):
                                           and region[2] <= query[1] < region[3]):
                 query = None
         device = self.state.device
-        source = layer.name
+        source = image_key(layer)
 
         def job(report, cancel):
             from src_models.attention import attention_maps
@@ -259,6 +351,8 @@ class AttentionWidget(QWidget):
                                   progress=report, cancel=cancel)
 
         def done(maps):
+            if image_by_key(self.viewer, source) is None:
+                return  # the image was closed meanwhile
             self.maps, self.source = maps, source
             if query is None and self.kind.currentData() == "query":
                 self.kind.setCurrentIndex(self.kind.findData("received"))
@@ -274,11 +368,12 @@ class AttentionWidget(QWidget):
 
     # --- layers ----------------------------------------------------------------------------------
     def show_maps(self) -> None:
-        """Overlay for the chosen map and stage (no model run), the query marker and the plot."""
+        """Overlay for the chosen map and stage (no model run), the analysed tile's outline, the
+        query marker and the plots. Never changes the active layer."""
         m = self.maps
-        if m is None or self.source not in self.viewer.layers or not m.stages:
+        image_layer = image_by_key(self.viewer, self.source) if self.source else None
+        if m is None or image_layer is None or not m.stages:
             return
-        image_layer = self.viewer.layers[self.source]
         stage_idx = self.stage.currentData()
         stage_idx = 0 if stage_idx is None else min(int(stage_idx), len(m.stages) - 1)
         st = m.stages[stage_idx]
@@ -287,22 +382,29 @@ class AttentionWidget(QWidget):
             kind = "received"
         head = self.head.currentData()
         head = -1 if head is None else int(head)
-        overlay = st.channel_summary if kind == "channels" else st.sca_map(kind, head)
-        if kind == "received":
-            overlay = overlay * (m.grid[0] * m.grid[1])  # 1 = as much as the average location
+        cells = m.grid[0] * m.grid[1]  # locations of one tile at this map's resolution
+        if kind == "channels":
+            overlay = st.channel_summary
+            lo, hi = float(np.min(overlay)), float(np.max(overlay))
+            limits, uniform = (lo, hi if hi > lo else lo + 1e-6), None
+        elif kind == "received":
+            overlay = st.sca_map(kind, head) * cells  # 1 = as much as the average location
+            uniform = 1.0
+            limits = display_limits(overlay, uniform)
+        else:
+            overlay = st.sca_map(kind, head)          # fractions of the point's attention
+            uniform = 1.0 / cells
+            limits = display_limits(overlay, uniform)
         img_scale = np.asarray(image_layer.scale)[-2:]
         img_translate = np.asarray(image_layer.translate)[-2:]
         scale = img_scale * np.asarray(m.scale)
         translate = img_translate + img_scale * np.asarray(m.translate)
-        name = f"{self.source} attention"
         layer = find_owned_layer(self.viewer, "attention", self.source)
-        lo, hi = float(np.min(overlay)), float(np.max(overlay))
-        limits = (lo, hi if hi > lo else lo + 1e-6)
         if layer is None:
-            layer = self.viewer.add_image(overlay, name=name, scale=scale, translate=translate,
-                                          colormap=COLORMAP, blending="additive", opacity=0.7,
-                                          contrast_limits=limits,
-                                          metadata=owned_metadata("attention", self.source))
+            layer = add_layer_keeping_selection(
+                self.viewer, "image", overlay, name=f"{image_layer.name} attention", scale=scale,
+                translate=translate, colormap=COLORMAP, blending="additive", opacity=0.7,
+                contrast_limits=limits, metadata=owned_metadata("attention", self.source))
         else:
             layer.data = overlay
             layer.scale, layer.translate = scale, translate
@@ -310,18 +412,46 @@ class AttentionWidget(QWidget):
         layer.metadata[OWNER_KEY]["map"] = kind
         layer.metadata[OWNER_KEY]["stage"] = stage_idx
         self._show_query(image_layer)
+        self._outline(image_layer, m.query_tile if kind == "query" and m.query_tile else m.region)
         cca_head = min(head, st.cca.shape[0] - 1)
         cca = st.cca.mean(0) if head < 0 else st.cca[cca_head]
         head_label = "mean of heads" if head < 0 else f"head {cca_head + 1}"
         features = tuple(s.channels for s in m.stages)
-        label = {"query": "attention from the query (fraction)",
-                 "received": "attention received (1 = average)",
+        label = {"query": "share of the point's attention (line: spread evenly)",
+                 "received": "attention received, times the average (line: even)",
                  "channels": "channel-weighted response"}[kind]
-        self.plot.show(overlay, label, cca, features, stage_idx, head_label)
+        self.plot.show_bar(limits, label, uniform)
+        self.cca_plot.show_cca(cca, features, stage_idx, head_label)
         y0, y1, x0, x1 = m.region
-        where = f"query (y {m.query[0]}, x {m.query[1]})" if m.query else "no query"
-        self.summary.setText(f"{MAPS[kind]}, stage {stage_idx + 1}: region y {y0}-{y1}, x {x0}-{x1} "
-                             f"({m.tiles} tile{'s' if m.tiles != 1 else ''}), {where}.")
+        flat = uniform is not None and float(np.nanmax(overlay)) < 1.5 * uniform
+        if kind == "query" and m.query:
+            where = (f"Where the point at y {m.query[0]}, x {m.query[1]} looks, within its tile "
+                     f"(outlined; attention never leaves the tile)")
+        elif kind == "received":
+            where = (f"Which places get looked at most in y {y0}-{y1}, x {x0}-{x1} "
+                     f"({m.tiles} tile{'s' if m.tiles != 1 else ''}, outlined)")
+        else:
+            where = f"Channel emphasis in y {y0}-{y1}, x {x0}-{x1}"
+        note = " The map is close to even: this stage spreads its attention evenly here." if flat else ""
+        self.summary.setText(f"{where}, stage {stage_idx + 1}, "
+                             f"{'mean of heads' if head < 0 else f'head {head + 1}'}.{note}")
+
+    def _outline(self, image_layer, box) -> None:
+        """A rectangle around the analysed tile / region (image pixels (y0, y1, x0, x1))."""
+        y0, y1, x0, x1 = box
+        rect = np.array([[y0 - 0.5, x0 - 0.5], [y0 - 0.5, x1 - 0.5], [y1 - 0.5, x1 - 0.5],
+                         [y1 - 0.5, x0 - 0.5]], float)
+        layer = find_owned_layer(self.viewer, "attention tile", self.source)
+        scale = np.asarray(image_layer.scale)[-2:]
+        translate = np.asarray(image_layer.translate)[-2:]
+        if layer is None:
+            add_layer_keeping_selection(
+                self.viewer, "shapes", [rect], shape_type="rectangle", edge_color="cyan",
+                face_color="transparent", edge_width=2, name=f"{image_layer.name} analysed tile",
+                scale=scale, translate=translate, metadata=owned_metadata("attention tile", self.source))
+        else:
+            layer.data = [rect]
+            layer.shape_type = ["rectangle"]
 
     def _show_query(self, image_layer) -> None:
         m = self.maps
@@ -334,9 +464,9 @@ class AttentionWidget(QWidget):
         scale = np.asarray(image_layer.scale)[-2:]
         translate = np.asarray(image_layer.translate)[-2:]
         if layer is None:
-            self.viewer.add_points(point, name=f"{self.source} attention query", scale=scale,
-                                   translate=translate, size=8, face_color="cyan", border_color="white",
-                                   metadata=owned_metadata("query", self.source))
-            self.viewer.layers.selection.active = image_layer  # keep clicks going to the image
+            add_layer_keeping_selection(
+                self.viewer, "points", point, name=f"{image_layer.name} attention query", scale=scale,
+                translate=translate, size=8, face_color="cyan", border_color="white",
+                metadata=owned_metadata("query", self.source))
         else:
             layer.data = point

@@ -13,35 +13,54 @@ from napari.layers import Image, Labels, Shapes
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
                             QLabel, QPushButton, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
 
-from ._common import (OWNER_KEY, LayerCombo, UserError, check_channels, check_image, find_owned_layer,
-                      owned_metadata, show_error, show_info)
+from ._common import (LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
+                      check_image, find_owned_layer, image_by_key, image_key, is_edited,
+                      owned_metadata, owner, show_error, show_info)
 from ._jobs import JobPanel
-from ._state import add_recent_checkpoint, get_state
-from .segment import SegmentResult, region_placement, show_result
+from ._layout import scrolling, style_axes, theme_colors
+from ._state import add_recent_checkpoint, get_state, remember, remembered
+from .segment import SegmentResult, put_labels, region_placement, show_result
 
 CHANGE_COLORS = {None: "transparent", 0: "transparent", 1: "lime", 2: "red"}
 
 
 @dataclass(eq=False)
 class Round:
-    """One fine-tuning round: enough to show it, revert it and save it."""
+    """One fine-tuning round: enough to show it, revert it and save it. Revert belongs to
+    `new_model`: once another model is current, this round can no longer be reverted."""
     old_model: object
     old_card: object
     old_checkpoint: str
-    old_result: SegmentResult         # the old model's segmentation of the image (for "changes")
-    had_result: bool                  # whether old_result was on screen before the round
-    old_labels: np.ndarray | None     # our output layer's data before the round (None: no layer)
-    old_roles: set                    # roles of our layers for this image before the round
+    old_saved: bool
+    old_result: SegmentResult         # the old model's prediction on the image (for "changes")
+    previous: SegmentResult | None    # the image's result before the round (restored by Revert)
+    old_layers: list                  # the plugin's layers of this image before the round
     new_model: object
     new_card: object
     new_result: SegmentResult
     losses: list
     stopped: str
+    outcome: str = ""                 # the engine's summary of the round, when it gives one
+    saved_as: str = ""
 
 
 def _owner(layer) -> dict:
-    meta = layer.metadata.get(OWNER_KEY)
-    return meta if isinstance(meta, dict) else {}
+    return owner(layer)
+
+
+def engine_summary(out) -> str:
+    """The fine-tuning engine's own words on the round (objects matching the corrections before /
+    after, kept or rolled back), when the installed engine provides them."""
+    for name in ("summary", "user_summary", "outcome"):
+        value = getattr(out, name, None)
+        if callable(value):
+            try:
+                value = value()
+            except TypeError:
+                continue
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return ""
 
 
 def corrections_on_image(image_layer, labels_layer, shapes_layer, shape) -> tuple[np.ndarray, np.ndarray]:
@@ -77,17 +96,19 @@ def corrections_on_image(image_layer, labels_layer, shapes_layer, shape) -> tupl
 class LossPlot(QWidget):
     """A small live plot of the training loss (matplotlib)."""
 
-    def __init__(self, parent=None):
+    def __init__(self, viewer=None, parent=None):
         super().__init__(parent)
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        self.figure = Figure(figsize=(3.2, 1.6), dpi=90, tight_layout=True)
+        self.colors = theme_colors(viewer)
+        self.figure = Figure(figsize=(3.0, 1.5), dpi=90, tight_layout=True)
+        self.figure.patch.set_facecolor(self.colors["background"])
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(130)
-        self.canvas.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.canvas.setMinimumHeight(110)
+        self.canvas.setMaximumHeight(180)
+        self.canvas.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
         self.axes = self.figure.add_subplot(111)
-        self.figure.patch.set_alpha(0.0)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
@@ -107,10 +128,30 @@ class LossPlot(QWidget):
         ax.clear()
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("loss", fontsize=8)
-        ax.tick_params(labelsize=7)
+        style_axes(ax, self.colors)
         if self.values:
-            ax.plot(np.arange(1, len(self.values) + 1), self.values, color="tab:orange", lw=1.5)
+            ax.plot(np.arange(1, len(self.values) + 1), self.values, color=self.colors["highlight"],
+                    lw=1.5)
         self.canvas.draw_idle()
+
+
+def check_same_grid(image_layer, labels_layer, shape) -> None:
+    """UserError unless `labels_layer` was made for this image: the same shape, or the plugin's own
+    result of a region of it (placed by its translate)."""
+    data_shape = tuple(np.asarray(labels_layer.data).shape)
+    if data_shape == tuple(shape):
+        return
+    meta = _owner(labels_layer)
+    if meta.get("source") == image_key(image_layer) and len(data_shape) == 2:
+        return  # a visible-region result of this image
+    raise UserError(f"'{labels_layer.name}' is {' x '.join(map(str, data_shape))} px but "
+                    f"'{image_layer.name}' is {shape[0]} x {shape[1]}: pick labels drawn on this image.")
+
+
+def is_reference_mask(layer) -> bool:
+    """Ground truth shipped with a sample (or another plugin's reference mask): never a default."""
+    meta = layer.metadata or {}
+    return "napari_dca_sample" in meta or "ground truth" in layer.name.lower()
 
 
 class FinetuneWidget(QWidget):
@@ -120,27 +161,32 @@ class FinetuneWidget(QWidget):
         self.state = get_state(viewer)
         self.round: Round | None = None
 
-        self.image = LayerCombo(viewer, (Image,))
-        self.labels = LayerCombo(viewer, (Labels,), include_owned=True, exclude_roles=("changes",))
-        self.labels.setToolTip("Labels you corrected (e.g. the Segment widget's output after editing)")
+        self.image = LayerCombo(viewer, (Image,), follow_new=True)
+        self.labels = LayerCombo(viewer, (Labels,), none_text="choose the labels you corrected",
+                                 include_owned=True, exclude_roles=("changes",))
+        self.labels.setToolTip("Labels you corrected (e.g. the Segment widget's output after "
+                               "painting / erasing in it); a sample's ground truth is never "
+                               "picked for you")
         self.region = LayerCombo(viewer, (Shapes,), none_text="whole labels layer")
         self.region.setToolTip("Shapes drawn around the part you reviewed; only labels there count")
         self.steps = QSpinBox()
         self.steps.setRange(1, 5000)
-        self.steps.setValue(60)
+        self.steps.setValue(remembered("finetune/steps", 60))
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(5)
         self.lr.setRange(1e-5, 1e-1)
         self.lr.setSingleStep(1e-4)
-        self.lr.setValue(3e-4)
+        self.lr.setValue(remembered("finetune/lr", 3e-4))
         self.train = QComboBox()
         self.train.addItem("all layers", "all")
         self.train.addItem("decoder only (encoder frozen)", "decoder")
+        idx = self.train.findData(remembered("finetune/train", "all"))
+        self.train.setCurrentIndex(max(idx, 0))
         self.run_button = QPushButton("Fine-tune")
-        self.jobs = JobPanel()
-        self.plot = LossPlot()
+        self.jobs = JobPanel(state=self.state, unit="step")
+        self.plot = LossPlot(viewer)
         self.revert_button = QPushButton("Revert")
-        self.revert_button.setToolTip("Back to the weights (and outputs) before this round")
+        self.revert_button.setToolTip("Back to the model (and result) from before this round")
         self.save_button = QPushButton("Save as checkpoint…")
         for b in (self.revert_button, self.save_button):
             b.setEnabled(False)
@@ -157,7 +203,7 @@ class FinetuneWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.revert_button)
         buttons.addWidget(self.save_button)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout()
         layout.addLayout(form)
         layout.addWidget(self.run_button)
         layout.addWidget(self.jobs)
@@ -165,11 +211,79 @@ class FinetuneWidget(QWidget):
         layout.addWidget(self.summary)
         layout.addLayout(buttons)
         layout.addStretch(1)
+        scrolling(self, layout)
 
         self.run_button.clicked.connect(self.run)
         self.revert_button.clicked.connect(self.revert)
         self.save_button.clicked.connect(lambda: self.save())
         self.jobs.info.connect(self.plot.append)
+        self.steps.valueChanged.connect(lambda v: remember("finetune/steps", v))
+        self.lr.valueChanged.connect(lambda v: remember("finetune/lr", v))
+        self.train.currentIndexChanged.connect(lambda *_: remember("finetune/train", self.train.currentData()))
+        self.image.currentIndexChanged.connect(lambda *_: self.suggest_labels())
+        viewer.layers.events.inserted.connect(self._on_layer_added)
+        self._connections = [(self.state.events.model, self._on_model),
+                             (self.state.events.jobs, self._on_busy)]
+        for signal, slot in self._connections:
+            signal.connect(slot)
+        self.destroyed.connect(lambda *_: self._disconnect())
+        self.suggest_labels()
+
+    def _disconnect(self):
+        for signal, slot in self._connections:
+            try:
+                signal.disconnect(slot)
+            except Exception:
+                pass
+        try:
+            self.viewer.layers.events.inserted.disconnect(self._on_layer_added)
+        except Exception:
+            pass
+
+    # --- choices ---------------------------------------------------------------------------------
+    def _on_layer_added(self, event):
+        layer = getattr(event, "value", None)
+        if alive(self) and isinstance(layer, Labels):
+            layer.events.paint.connect(self._on_paint)
+            self.suggest_labels()
+
+    def _on_paint(self, *_):
+        if alive(self):
+            self.suggest_labels()
+
+    def suggest_labels(self) -> None:
+        """When nothing is chosen yet: the labels the user edited for the chosen image (never a
+        sample's ground truth, never an untouched result)."""
+        if not alive(self) or self.labels.layer() is not None:
+            return
+        image = self.image.layer()
+        if image is None:
+            return
+        key = image_key(image)
+        for layer in reversed(list(self.viewer.layers)):
+            if (isinstance(layer, Labels) and not is_reference_mask(layer) and is_edited(layer)
+                    and _owner(layer).get("source") in (key, None)
+                    and _owner(layer).get("role") != "changes"):
+                self.labels.set_layer(layer)
+                return
+
+    def _on_busy(self, *_):
+        if alive(self):
+            self.run_button.setEnabled(not self.jobs.busy)
+            self._update_buttons()
+
+    def _on_model(self, *_):
+        if alive(self):
+            self._update_buttons()
+
+    def _update_buttons(self) -> None:
+        r = self.round
+        current = r is not None and self.state.model is r.new_model
+        self.revert_button.setEnabled(current and not self.jobs.busy)
+        self.revert_button.setToolTip(
+            "Back to the model (and result) from before this round" if current or r is None else
+            "This round's model is no longer the current one, so there is nothing of it to revert")
+        self.save_button.setEnabled(r is not None and not self.jobs.busy)
 
     # --- training --------------------------------------------------------------------------------
     def run(self) -> None:
@@ -178,12 +292,14 @@ class FinetuneWidget(QWidget):
             data = check_image(image_layer)
             labels_layer = self.labels.layer()
             if labels_layer is None:
-                raise UserError("No labels layer: segment the image first (Segment widget), correct "
-                                "the labels with napari's paint/erase tools, then fine-tune.")
+                raise UserError("No corrected labels chosen: segment the image (Segment widget), "
+                                "correct the labels with napari's paint/erase tools, then pick that "
+                                "layer under 'Corrected labels'.")
             if self.state.model is None:
                 raise UserError("No model: load one in the Model widget first.")
             check_channels(image_layer, data, self.state.model, self.state.card)
             shape = data.shape[:2]
+            check_same_grid(image_layer, labels_layer, shape)
             labels, valid = corrections_on_image(image_layer, labels_layer, self.region.layer(), shape)
             if not valid.any():
                 raise UserError("The reviewed region does not overlap the labels: draw it over the "
@@ -193,28 +309,20 @@ class FinetuneWidget(QWidget):
             return
         image = np.asarray(data)
         state = self.state
-        old_model, old_card, old_checkpoint, device = state.model, state.card, state.checkpoint, state.device
-        source = image_layer.name
-        # Our output layer becomes the user's corrections: later runs must not overwrite it.
-        owner = _owner(labels_layer)
-        if owner.get("role") == "instances":
-            labels_layer.metadata = {**labels_layer.metadata,
-                                     OWNER_KEY: {**owner, "role": "corrections"}}
-            labels_layer.name = f"{labels_layer.name} (corrected)"
+        old_model, old_card, device = state.model, state.card, state.device
+        old_checkpoint, old_saved = state.checkpoint, state.saved
+        old_tag = state.model_tag()
+        source, name = image_key(image_layer), image_layer.name
         full = (slice(0, shape[0]), slice(0, shape[1]))
-        old_result = state.result
-        had_result = (old_result is not None and old_result.source == source
-                      and old_result.region == full)
-        old_output = find_owned_layer(self.viewer, "instances", source)
-        old_labels = None if old_output is None else np.array(old_output.data, copy=True)
-        old_roles = {_owner(layer).get("role") for layer in self.viewer.layers
-                     if _owner(layer).get("source") == source}
-        if not had_result:
-            old_result = None
+        previous = state.results.get(source)
+        # the old model's own prediction of this image, when the cached one is exactly that
+        cached = previous if (previous is not None and previous.region == full
+                              and previous.model_tag == old_tag) else None
+        old_layers = [layer for layer in self.viewer.layers if _owner(layer).get("source") == source]
         scale, translate = region_placement(image_layer, full)
-        threshold = old_result.threshold if old_result is not None else 0.5
-        min_size = old_result.min_size if old_result is not None else None
-        task = old_result.task if old_result is not None else getattr(old_card, "task", "nuclei")
+        threshold = previous.threshold if previous is not None else None
+        min_size = previous.min_size if previous is not None else None
+        task = previous.task if previous is not None else getattr(old_card, "task", "nuclei")
         steps, lr, train = self.steps.value(), self.lr.value(), self.train.currentData()
         self.plot.clear()
 
@@ -224,30 +332,38 @@ class FinetuneWidget(QWidget):
             from src_models.instances import InstanceMaker
 
             def progress(step, total, loss):
-                report(step, total + 1, loss)  # +1: the re-segmentation after training
+                report(step, total, loss)
 
-            def segment(model, card_):
+            def segment(model, card_, tag):
                 probs = predict(model, image, card_, device=device)
                 maker = InstanceMaker(probs, card_, mode=task)
-                result = SegmentResult(source, task, full, probs, maker, scale, translate,
-                                       threshold=threshold, min_size=(
-                                           min_size if min_size is not None else maker.params.min_size))
+                result = SegmentResult(source, name, task, full, probs, maker, scale, translate,
+                                       threshold=threshold if threshold is not None else maker.params.threshold,
+                                       min_size=min_size if min_size is not None else maker.params.min_size,
+                                       model_tag=tag)
                 result.make_labels()
                 return result
 
             out = finetune(old_model, image, labels, region=valid, steps=steps, lr=lr, train=train,
                            card=old_card, progress=progress, cancel=cancel.is_set)
-            card = out.card(old_card, parent=old_checkpoint or None)
-            new_result = segment(out.model, card)
-            before = old_result if old_result is not None else segment(old_model, old_card)
-            report(steps + 1, steps + 1)
+            card = out.card(old_card, parent=(old_checkpoint if old_saved else None) or None)
+            report(0, 0, stage="segmenting with the new model…")
+            new_result = segment(out.model, card, (id(out.model), -1))
+            if cached is not None:
+                before = cached
+            else:
+                report(0, 0, stage="segmenting with the previous model (for the comparison)…")
+                before = segment(old_model, old_card, old_tag)
             return out, card, new_result, before
 
         def done(value):
             out, card, new_result, before = value
-            self.round = Round(old_model, old_card, old_checkpoint, before, had_result, old_labels,
-                               old_roles, out.model, card, new_result, list(out.loss_history),
-                               out.stopped)
+            if image_by_key(self.viewer, source) is None:
+                self.summary.setText(f"'{name}' was closed while fine-tuning; the new model is "
+                                     f"kept as the current model (not saved yet).")
+            self.round = Round(old_model, old_card, old_checkpoint, old_saved, before, previous,
+                               old_layers, out.model, card, new_result, list(out.loss_history),
+                               out.stopped, outcome=engine_summary(out))
             self._apply_new()
 
         self.jobs.run(job, done, "fine-tuning",
@@ -255,63 +371,78 @@ class FinetuneWidget(QWidget):
 
     def _apply_new(self) -> None:
         r = self.round
-        self.state.set_model(r.new_model, r.new_card, "")  # unsaved: no file yet
-        show_result(self.viewer, r.new_result)
-        before = r.old_result.labels
-        if before is not None:
-            changes = np.zeros(before.shape, np.uint8)
-            changes[(r.new_result.labels > 0) & (before == 0)] = 1   # added
-            changes[(r.new_result.labels == 0) & (before > 0)] = 2   # removed
-            layer = find_owned_layer(self.viewer, "changes", r.new_result.source)
-            if layer is None:
-                self.viewer.add_labels(changes, name=f"{r.new_result.source} changes (green added, red removed)",
-                                       scale=r.new_result.scale, translate=r.new_result.translate,
-                                       opacity=0.7, colormap=CHANGE_COLORS,
-                                       metadata=owned_metadata("changes", r.new_result.source))
-            else:
-                layer.data = changes
-                layer.visible = True
-            n_before = int(np.count_nonzero(np.unique(before)))
-            added, removed = int((changes == 1).sum()), int((changes == 2).sum())
-            change_text = (f"Objects {n_before} → {int(np.count_nonzero(np.unique(r.new_result.labels)))}; "
-                           f"{added} px added, {removed} px removed.")
-        else:
-            change_text = (f"{int(np.count_nonzero(np.unique(r.new_result.labels)))} objects after "
-                           f"fine-tuning.")
+        self.state.set_model(r.new_model, r.new_card, "", saved=False)  # unsaved: no file yet
+        r.new_result.model_tag = self.state.model_tag()
+        image = image_by_key(self.viewer, r.new_result.source)
+        where = ""
+        if image is not None:
+            r.new_result.image_name = image.name
+            _, where = show_result(self.viewer, r.new_result)
+            self._show_changes(r, image)
         stop = {"steps": "", "cancelled": " (cancelled early)",
-                "non-finite loss": " (stopped: loss became non-finite)"}.get(r.stopped, "")
+                "non-finite loss": " (stopped: loss became non-finite)",
+                "time budget": " (stopped at the time budget)"}.get(r.stopped, f" ({r.stopped})")
         loss = f"loss {r.losses[0]:.3f} → {r.losses[-1]:.3f}" if r.losses else "no step finished"
-        self.summary.setText(f"{len(r.losses)} steps{stop}, {loss}. {change_text} "
+        before, after = r.old_result, r.new_result
+        what = "classes" if after.task == "semantic" else "objects"
+        added = int(((after.labels > 0) & (before.labels == 0)).sum())
+        removed = int(((after.labels == 0) & (before.labels > 0)).sum())
+        change_text = (f"Previous model vs fine-tuned model on '{after.image_name}': {what} "
+                       f"{before.n_objects} → {after.n_objects}; {added} px newly found, {removed} px "
+                       f"no longer found (green / red in the changes layer).")
+        outcome = f" {r.outcome}" if r.outcome else ""
+        self.summary.setText(f"{len(r.losses)} steps{stop}, {loss}.{outcome} {change_text} {where} "
                              f"Not saved yet: 'Save as checkpoint…' keeps it, 'Revert' undoes it.")
-        self.revert_button.setEnabled(True)
-        self.save_button.setEnabled(True)
+        self._update_buttons()
+
+    def _show_changes(self, r: Round, image) -> None:
+        before, after = r.old_result.labels, r.new_result.labels
+        changes = np.zeros(before.shape, np.uint8)
+        changes[(after > 0) & (before == 0)] = 1   # found by the new model only
+        changes[(after == 0) & (before > 0)] = 2   # found by the old model only
+        layer = find_owned_layer(self.viewer, "changes", r.new_result.source)
+        if layer is None:
+            add_layer_keeping_selection(
+                self.viewer, "labels", changes,
+                name=f"{image.name} changes (green: new model only, red: previous model only)",
+                scale=r.new_result.scale, translate=r.new_result.translate, opacity=0.7,
+                colormap=CHANGE_COLORS, metadata=owned_metadata("changes", r.new_result.source))
+        else:
+            layer.data = changes
+            layer.visible = True
 
     def revert(self) -> None:
-        """The weights and outputs from before the last round."""
+        """Back to the model and result from before the last round (only while that round's model
+        is still the current one)."""
         r = self.round
         if r is None:
             return
         if self.jobs.busy:
             show_info("Wait for the running job to finish (or cancel it) before reverting.")
             return
-        self.state.set_model(r.old_model, r.old_card, r.old_checkpoint)
+        if self.state.model is not r.new_model:
+            show_info("The fine-tuned model is no longer the current one; nothing to revert.")
+            self._update_buttons()
+            return
+        self.state.set_model(r.old_model, r.old_card, r.old_checkpoint, saved=r.old_saved)
         source = r.new_result.source
-        if r.had_result:
-            show_result(self.viewer, r.old_result)
+        if r.previous is not None:
+            if r.previous.model_tag == r.old_result.model_tag:  # made by the model now current again
+                r.previous.model_tag = self.state.model_tag()
+            self.state.results.set(source, r.previous)
+            if image_by_key(self.viewer, source) is not None:
+                put_labels(self.viewer, r.previous)
         else:
-            self.state.result = None
-        layer = find_owned_layer(self.viewer, "instances", source)
-        if layer is not None and r.old_labels is not None:
-            layer.data = r.old_labels
-        # layers this round added (and that did not exist before) go away again
-        for role in ("instances", "probabilities", "changes"):
-            layer = find_owned_layer(self.viewer, role, source)
-            if layer is not None and role not in r.old_roles:
+            self.state.results.drop(source)
+        # layers this round added (and that did not exist before) go away, unless the user edited them
+        for layer in list(self.viewer.layers):
+            meta = _owner(layer)
+            if (meta.get("source") == source and not any(layer is old for old in r.old_layers)
+                    and not is_edited(layer) and meta.get("role") in ("instances", "probabilities", "changes")):
                 self.viewer.layers.remove(layer)
         self.round = None
-        self.revert_button.setEnabled(False)
-        self.save_button.setEnabled(False)
-        self.summary.setText("Reverted to the previous weights.")
+        self._update_buttons()
+        self.summary.setText("Reverted to the model and result from before fine-tuning.")
 
     def save(self, path: str | Path | None = None) -> Path | None:
         """Saves the fine-tuned model (card.parent, card.corrections filled in) as a checkpoint."""
@@ -321,8 +452,12 @@ class FinetuneWidget(QWidget):
             return None
         if path is None:
             parent = Path(r.old_checkpoint).stem if r.old_checkpoint else "model"
+            folder = remembered("finetune/save_dir", "")
+            if not folder or not Path(folder).is_dir():
+                old = Path(r.old_checkpoint)
+                folder = str(old.parent) if old.is_file() else str(Path.home())
             path, _ = QFileDialog.getSaveFileName(self, "Save the fine-tuned model",
-                                                  f"{parent}_finetuned.safetensors",
+                                                  str(Path(folder) / f"{parent}_finetuned.safetensors"),
                                                   "DCA checkpoints (*.safetensors)")
             if not path:
                 return None
@@ -333,7 +468,18 @@ class FinetuneWidget(QWidget):
         except (OSError, ValueError) as err:
             show_error(f"Could not save to {path}: {err}. Choose a writable folder.")
             return None
-        self.state.checkpoint = str(saved)
+        remember("finetune/save_dir", str(Path(saved).parent))
+        r.saved_as = str(saved)
+        if self.state.model is r.new_model:
+            with self.state.events.paused():
+                self.state.checkpoint = str(saved)
+                self.state.saved = True
         add_recent_checkpoint(saved)
-        show_info(f"napari-dca: saved {saved.name} (fine-tuned from {r.new_card.parent or 'a new model'}).")
+        text = self.summary.text()
+        marker = "Not saved yet:"
+        if marker in text:
+            text = text[:text.index(marker)].rstrip()
+        self.summary.setText(f"{text} Saved as {Path(saved).name}.")
+        show_info(f"napari-dca: saved {Path(saved).name} (fine-tuned from "
+                  f"{r.new_card.parent or 'a new model'}).")
         return saved

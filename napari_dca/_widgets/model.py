@@ -9,9 +9,10 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
                             QPushButton, QVBoxLayout, QWidget)
 
-from ._common import available_devices, resolve_device, show_error, show_info
+from ._common import alive, available_devices, resolve_device, show_error, show_info
 from ._jobs import JobPanel
-from ._state import add_recent_checkpoint, get_state, recent_checkpoints
+from ._layout import scrolling
+from ._state import add_recent_checkpoint, get_state, recent_checkpoints, remember
 
 NEW_MODEL = "__new__"
 
@@ -48,11 +49,16 @@ class ModelWidget(QWidget):
         for label, dev in devices:
             self.device.addItem(label, dev)
 
+        self.device.setToolTip("Changing it moves the current model (fine-tuned weights included)")
+
         self.load_button = QPushButton("Load model")
-        self.jobs = JobPanel()
+        self.load_button.setToolTip("Load the checkpoint chosen above as the current model; results "
+                                    "already on screen keep their labels")
+        self.jobs = JobPanel(state=self.state)
         self.card = QLabel("No model loaded.")
         self.card.setWordWrap(True)
         self.card.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.card.setAlignment(Qt.AlignTop | Qt.AlignLeft)
 
         form = QFormLayout()
         form.addRow("Checkpoint", row)
@@ -60,23 +66,59 @@ class ModelWidget(QWidget):
         form.addRow("", self.dca)
         form.addRow("Task", self.task)
         form.addRow("Device", self.device)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout()
         layout.addLayout(form)
         layout.addWidget(self.load_button)
         layout.addWidget(self.jobs)
         layout.addWidget(self.card)
         layout.addStretch(1)
+        scrolling(self, layout)
+        self._device_shown = self.device.currentIndex()
 
         self._fill_checkpoints()
         self.checkpoint.currentIndexChanged.connect(self._on_checkpoint_choice)
         self.browse.clicked.connect(self._on_browse)
         self.load_button.clicked.connect(self.load)
         self.device.currentIndexChanged.connect(self._on_device)
-        self.state.events.model.connect(self._show_card)
-        self.state.events.version.connect(self._show_card)
+        self._connections = [(self.state.events.model, self._show_card),
+                             (self.state.events.version, self._show_card),
+                             (self.state.events.checkpoint, self._show_card),
+                             (self.state.events.saved, self._show_card),
+                             (self.state.events.device, self._show_device),
+                             (self.state.events.jobs, self._on_busy)]
+        for signal, slot in self._connections:
+            signal.connect(slot)
+        self.destroyed.connect(lambda *_: self._disconnect())
         self._on_checkpoint_choice()
         if self.state.model is not None:
             self._show_card()
+
+    def _disconnect(self):
+        for signal, slot in self._connections:
+            try:
+                signal.disconnect(slot)
+            except Exception:
+                pass
+
+    def _on_busy(self, *_):
+        if not alive(self):
+            return
+        busy = self.state.busy
+        self.load_button.setEnabled(not busy)
+        self.device.setEnabled(not busy)  # never move weights a worker is using
+
+    def _show_device(self, *_):
+        """The Device box shows where the current model is (set elsewhere, e.g. by the reader)."""
+        if not alive(self):
+            return
+        idx = self.device.currentIndex()
+        if resolve_device(self.device.itemData(idx)) != self.state.device:
+            idx = self.device.findData(self.state.device)
+            if idx >= 0:
+                self.device.blockSignals(True)
+                self.device.setCurrentIndex(idx)
+                self.device.blockSignals(False)
+        self._device_shown = self.device.currentIndex()
 
     # --- choices ---------------------------------------------------------------------------------
     def _fill_checkpoints(self, select: str | None = None) -> None:
@@ -121,8 +163,30 @@ class ModelWidget(QWidget):
             self.load()
 
     def _on_device(self, *_):
-        if self.state.model is not None and not self.jobs.busy:
-            self.load()  # move the current model; reloading keeps the same weights source
+        """Moves the current model (whatever it is: a dropped file, unsaved fine-tuned weights) to
+        the chosen device; never reloads what the Checkpoint list shows."""
+        remember("model/device", self.device.currentData())
+        state = self.state
+        if state.model is None:
+            return
+        if state.busy:  # the box is disabled while busy; a programmatic change is refused too
+            self.device.blockSignals(True)
+            self.device.setCurrentIndex(self._device_shown)
+            self.device.blockSignals(False)
+            show_info("napari-dca is busy; change the device once the running job is done.")
+            return
+        device = self.device_choice()
+        if device == state.device:
+            return
+        try:
+            state.model.to(device)
+        except Exception as err:  # e.g. out of GPU memory: stay where it was
+            show_error(f"Could not move the model to {device}: {err}.")
+            self._show_device()
+            return
+        state.device = device
+        self._show_card()
+        show_info(f"napari-dca: the current model is now on {device}.")
 
     def device_choice(self) -> str:
         return resolve_device(self.device.currentData())
@@ -138,13 +202,7 @@ class ModelWidget(QWidget):
         if choice is None:
             show_error("Choose a checkpoint or 'New untrained model' first.")
             return
-        current = self.state
-        if (choice != NEW_MODEL and current.model is not None and current.checkpoint == str(choice)
-                and current.device != device):
-            # Same checkpoint, other device: move it (keeps fine-tuned weights).
-            self._finish((current.model.to(device), current.card, current.checkpoint, device))
-            return
-
+        remember("model/checkpoint", str(choice))
         def job(report, cancel):
             if choice == NEW_MODEL:
                 from src_models import build_model
@@ -164,7 +222,7 @@ class ModelWidget(QWidget):
     def _finish(self, result) -> None:
         model, card, source, device = result
         self.state.device = device
-        self.state.set_model(model, card, source)
+        self.state.set_model(model, card, source, saved=True)
         from src_models.checkpoints import bundled_checkpoints
         if source and source not in bundled_checkpoints():
             add_recent_checkpoint(source)
@@ -173,6 +231,8 @@ class ModelWidget(QWidget):
 
     # --- card ------------------------------------------------------------------------------------
     def _show_card(self, *_):
+        if not alive(self):
+            return
         self.card.setText(card_html(self.state))
         if self.state.model is not None:
             idx = self.backbone.findText(self.state.card.architecture) if self.state.card else -1
@@ -201,7 +261,7 @@ def card_html(state) -> str:
     arch = card.architecture if card else type(model).__name__
     rows.append(("Model", f"{arch}{' + DCA' if _has_dca(model) else ''}, "
                           f"{n_params / 1e6:.2f} M parameters"))
-    if state.checkpoint:
+    if state.checkpoint and state.saved:
         path = state.checkpoint
         try:
             from src_models.checkpoints import resolve_checkpoint
@@ -210,8 +270,9 @@ def card_html(state) -> str:
             rows.append(("Checkpoint", f"{p.name} ({size})"))
         except Exception:
             rows.append(("Checkpoint", str(path)))
-    elif card is not None and (card.parent or card.corrections):
-        rows.append(("Checkpoint", f"not saved yet (fine-tuned from {card.parent or 'a new model'}); "
+    elif not state.saved:
+        rows.append(("Checkpoint", f"not saved yet (fine-tuned from "
+                                   f"{(card.parent if card else None) or 'a new model'}); "
                                    f"Fine-tune > 'Save as checkpoint…' keeps it"))
     else:
         rows.append(("Checkpoint", "none (new, untrained)"))
@@ -224,16 +285,38 @@ def card_html(state) -> str:
         if card.data_split:
             rows.append(("Split", ", ".join(f"{k}: {_short(v)}" for k, v in card.data_split.items())))
         if card.metrics:
-            rows.append(("Metrics", ", ".join(f"{k} {_fmt(v)}" for k, v in card.metrics.items())))
+            rows.append(("Metrics", "; ".join(f"{k} {_fmt(v)}" for k, v in card.metrics.items())))
         if card.parent:
             rows.append(("Fine-tuned from", card.parent))
-        if card.corrections:
-            rows.append(("Corrections", ", ".join(f"{k}: {_short(v)}" for k, v in card.corrections.items())))
-        if card.licence:
-            rows.append(("Licence", card.licence))
+        rows.append(("Corrections", corrections_summary(card.corrections)))
+        rows.append(("Licence", card.licence or "not stated in the card"))
     return "<table>" + "".join(
         f"<tr><td valign='top'><b>{esc(k)}</b>&nbsp;</td><td>{esc(str(v))}</td></tr>" for k, v in rows
     ) + "</table>"
+
+
+def corrections_summary(corrections) -> str:
+    """The card's corrections record in words ("2 rounds: 14 objects in 12,300 reviewed px, ...")."""
+    if not corrections:
+        return "none (not fine-tuned on corrections)"
+    rounds = corrections.get("rounds") if isinstance(corrections, dict) else None
+    if not isinstance(rounds, list):
+        rounds = [corrections]
+    parts = []
+    for r in rounds:
+        if not isinstance(r, dict):
+            continue
+        bits = []
+        if "objects" in r:
+            bits.append(f"{r['objects']} objects")
+        if "reviewed_pixels" in r:
+            bits.append(f"{int(r['reviewed_pixels']):,} reviewed px")
+        steps = r.get("steps_done", r.get("steps"))
+        if steps is not None:
+            bits.append(f"{steps} steps")
+        parts.append(", ".join(bits) or "1 round")
+    n = len(parts)
+    return f"{n} round{'s' if n != 1 else ''}: " + "; ".join(parts) if parts else "recorded"
 
 
 def _fmt(v) -> str:

@@ -1,6 +1,11 @@
 """Segment widget: image layer -> model -> probabilities -> instances, as napari layers.
 
-Threshold and minimum size re-make the labels from cached probabilities (no model run)."""
+A result belongs to its image layer (`state.results`, by the image's stable id). Threshold and
+minimum size re-make the selected image's labels from its cached probabilities (no model run).
+Layers get copies of the result's arrays, and once the user has edited a Labels layer no plugin
+action writes to it again: relabels and new runs go to the plugin's unedited layer or a new one,
+and the summary line says which.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,20 +19,23 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QPushButt
                             QSpinBox, QVBoxLayout, QWidget)
 from superqt import QLabeledDoubleSlider
 
-from ._common import (LayerCombo, UserError, check_channels, check_image, find_owned_layer,
-                      layer_region, owned_metadata, show_error)
+from ._common import (LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
+                      check_image, find_owned_layer, find_owned_layers, image_by_key, image_key,
+                      is_edited, layer_region, owned_metadata, owner, show_error, track_edits)
 from ._jobs import JobPanel
-from ._state import get_state
+from ._layout import scrolling
+from ._state import get_state, remember, remembered
 
 TASKS = ("nuclei", "glands", "semantic")
 
 
 @dataclass(eq=False)
 class SegmentResult:
-    """What one run leaves behind for live threshold changes and for the other widgets."""
-    source: str                  # image layer name
+    """One image's segmentation: enough for live threshold changes and for the other widgets."""
+    source: str                  # the image layer's stable id (`image_key`)
+    image_name: str              # its name when the run started (for messages only)
     task: str
-    region: tuple[slice, slice]  # rows, cols of the image that were segmented
+    region: tuple[slice, slice]  # rows, cols of the image these arrays cover
     probabilities: np.ndarray    # (h, w) from a 1-output model, (K, h, w) from a K-class one
     maker: object                # src_models.instances.InstanceMaker over `probabilities`
     scale: np.ndarray            # layer scale / translate (last two axes) that align the region
@@ -35,6 +43,7 @@ class SegmentResult:
     threshold: float = 0.5
     min_size: int = 0
     labels: np.ndarray | None = None
+    model_tag: tuple = ()        # ModelState.model_tag() of the weights that made it
 
     def make_labels(self) -> np.ndarray:
         """Labels for the current threshold / min size from the cached probabilities (no model)."""
@@ -45,31 +54,89 @@ class SegmentResult:
     def foreground(self) -> np.ndarray:
         return self.maker.foreground
 
+    @property
+    def n_objects(self) -> int:
+        return 0 if self.labels is None else int(np.count_nonzero(np.unique(self.labels)))
 
-def put_layer(viewer, result: SegmentResult, role: str, data, kind: str, name: str, **kwargs):
-    """Updates the layer this plugin made for (`role`, image) in place, or adds it."""
+    def covers(self, region: tuple[slice, slice]) -> bool:
+        (r0, c0), (r1, c1) = self.region, region
+        return r0.start <= r1.start and r1.stop <= r0.stop and c0.start <= c1.start and c1.stop <= c0.stop
+
+
+def merge_region(base: SegmentResult, part: SegmentResult, card) -> SegmentResult:
+    """`base` with the region `part` covers replaced by `part` (probabilities and labels); the rest
+    of `base` is kept exactly. Objects of `part` get ids above those of `base`."""
+    from src_models.instances import InstanceMaker
+
+    ry = slice(part.region[0].start - base.region[0].start, part.region[0].stop - base.region[0].start)
+    rx = slice(part.region[1].start - base.region[1].start, part.region[1].stop - base.region[1].start)
+    probs = np.array(base.probabilities, copy=True)
+    probs[..., ry, rx] = part.probabilities
+    labels = np.array(base.labels if base.labels is not None else base.make_labels(), copy=True)
+    window = labels[ry, rx]
+    window[...] = 0
+    new = np.asarray(part.labels)
+    shift = 0 if part.task == "semantic" else int(labels.max())  # semantic ids are classes
+    window[new > 0] = new[new > 0] + shift
+    merged = SegmentResult(base.source, part.image_name, part.task, base.region, probs,
+                           InstanceMaker(probs, card, mode=part.task), base.scale, base.translate,
+                           threshold=part.threshold, min_size=part.min_size, labels=labels,
+                           model_tag=part.model_tag)
+    return merged
+
+
+def put_image_layer(viewer, result: SegmentResult, role: str, data, name: str, **kwargs):
+    """Updates the (never user-edited) image layer of `role` for the result's image, or adds it."""
     layer = find_owned_layer(viewer, role, result.source)
-    if layer is not None and layer.__class__.__name__.lower() == kind:
-        layer.data = data
+    if layer is not None and layer.__class__.__name__ == "Image":
+        layer.data = np.array(data, copy=True)
         layer.scale, layer.translate = result.scale, result.translate
         return layer
-    if layer is not None:
-        viewer.layers.remove(layer)
-    add = getattr(viewer, f"add_{kind}")
-    return add(data, name=name, scale=result.scale, translate=result.translate,
-               metadata=owned_metadata(role, result.source, task=result.task), **kwargs)
+    return add_layer_keeping_selection(
+        viewer, "image", np.array(data, copy=True), name=name, scale=result.scale,
+        translate=result.translate, metadata=owned_metadata(role, result.source, task=result.task),
+        **kwargs)
 
 
-def show_result(viewer, result: SegmentResult, probabilities: bool = True):
-    """Puts a segmentation on the canvas (labels, and optionally foreground probability) and makes
-    it the viewer's current result. Returns the labels layer."""
-    get_state(viewer).result = result
-    if probabilities:
-        put_layer(viewer, result, "probabilities", result.foreground, "image", name=f"{result.source} probability",
-                  colormap="magma", blending="additive", contrast_limits=(0.0, 1.0), opacity=0.6)
+def put_labels(viewer, result: SegmentResult, contours: bool = True):
+    """Shows the result's labels (a copy) in the plugin's unedited Labels layer of its image, or a
+    new one. -> (layer, note): `note` says where they went when the user's edited layer was kept."""
     labels = result.labels if result.labels is not None else result.make_labels()
-    return put_layer(viewer, result, "instances", labels, "labels",
-                     name=f"{result.source} {result.task}", opacity=0.5)
+    edited, target = [], None
+    for layer in find_owned_layers(viewer, "instances", result.source):
+        if is_edited(layer):
+            owner(layer)["role"] = "corrections"  # the user's work from now on: never rewritten
+            edited.append(layer)
+        else:
+            target = layer
+    edited += find_owned_layers(viewer, "corrections", result.source)
+    if target is not None:
+        target.data = np.array(labels, copy=True)  # the layer's own array: never the result's
+        target.scale, target.translate = result.scale, result.translate
+    else:
+        base = f"{result.image_name} {result.task}"
+        name = f"{base} (new run)" if edited else base
+        target = viewer.add_labels(np.array(labels, copy=True), name=name, scale=result.scale,
+                                   translate=result.translate, opacity=0.7,
+                                   metadata=owned_metadata("instances", result.source, task=result.task))
+        if contours:
+            target.contour = 1
+        track_edits(target)
+    note = ""
+    if edited:
+        kept = ", ".join(f"'{layer.name}'" for layer in edited)
+        note = f"Your edited {kept} is kept as it is; this result is in '{target.name}'."
+    return target, note
+
+
+def show_result(viewer, result: SegmentResult, probabilities: bool = False, contours: bool = True):
+    """Makes `result` its image's result and puts it on the canvas. -> (labels layer, note)."""
+    get_state(viewer).results.set(result.source, result)
+    if probabilities:
+        put_image_layer(viewer, result, "probabilities", result.foreground,
+                        name=f"{result.image_name} probability", colormap="magma",
+                        blending="additive", contrast_limits=(0.0, 1.0), opacity=0.5)
+    return put_labels(viewer, result, contours)
 
 
 def region_placement(layer, region) -> tuple[np.ndarray, np.ndarray]:
@@ -79,30 +146,45 @@ def region_placement(layer, region) -> tuple[np.ndarray, np.ndarray]:
     return scale, np.asarray(layer.translate)[-2:] + offset * scale
 
 
+def describe(r: SegmentResult) -> str:
+    what = "classes" if r.task == "semantic" else "objects"
+    h, w = r.probabilities.shape[-2:]
+    return (f"{r.n_objects} {what} in {h} x {w} px of '{r.image_name}' at threshold "
+            f"{r.threshold:.2f}, min size {r.min_size} px")
+
+
 class SegmentWidget(QWidget):
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
         super().__init__(parent)
         self.viewer = viewer
         self.state = get_state(viewer)
 
-        self.image = LayerCombo(viewer, (Image,))
+        self.image = LayerCombo(viewer, (Image,), follow_new=True)
+        self.image.setToolTip("The image to segment; threshold and min size act on its result")
         self.task = QComboBox()
         self.task.addItems(TASKS)
+        self.task.setToolTip("Task of the next run (a result keeps the task it was made with)")
         self.threshold = QLabeledDoubleSlider()
         self.threshold.setOrientation(1)  # horizontal
         self.threshold.setRange(0.01, 0.99)
-        self.threshold.setValue(0.5)
-        self.threshold.setToolTip("Foreground probability cut-off; changes the labels live")
+        self.threshold.setValue(remembered("segment/threshold", 0.5))
+        self.threshold.setToolTip("Foreground probability cut-off; re-makes the selected image's "
+                                  "labels live (no model run)")
         self.min_size = QSpinBox()
         self.min_size.setRange(0, 100000)
-        self.min_size.setValue(30)
+        self.min_size.setValue(remembered("segment/min_size", 30))
         self.min_size.setSuffix(" px")
         self.min_size.setToolTip("Objects smaller than this are dropped; changes the labels live")
+        self.contours = QCheckBox("Outlines only (the tissue stays visible)")
+        self.contours.setChecked(remembered("segment/contours", True))
         self.show_probabilities = QCheckBox("Add a probability layer")
-        self.show_probabilities.setChecked(True)
+        self.show_probabilities.setChecked(remembered("segment/probabilities", False))
         self.visible_only = QCheckBox("Visible region only (for big images)")
+        self.visible_only.setToolTip("Segments what the canvas shows; an earlier result of the "
+                                     "whole image is kept outside that region")
         self.run_button = QPushButton("Segment")
-        self.jobs = JobPanel()
+        self.run_button.setToolTip("Segment the chosen image with the current model (Shift+S)")
+        self.jobs = JobPanel(state=self.state, unit="tile")
         self.summary = QLabel("")
         self.summary.setWordWrap(True)
 
@@ -111,14 +193,16 @@ class SegmentWidget(QWidget):
         form.addRow("Task", self.task)
         form.addRow("Threshold", self.threshold)
         form.addRow("Min size", self.min_size)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addWidget(self.show_probabilities)
-        layout.addWidget(self.visible_only)
-        layout.addWidget(self.run_button)
-        layout.addWidget(self.jobs)
-        layout.addWidget(self.summary)
-        layout.addStretch(1)
+        inner = QVBoxLayout()
+        inner.addLayout(form)
+        inner.addWidget(self.contours)
+        inner.addWidget(self.show_probabilities)
+        inner.addWidget(self.visible_only)
+        inner.addWidget(self.run_button)
+        inner.addWidget(self.jobs)
+        inner.addWidget(self.summary)
+        inner.addStretch(1)
+        scrolling(self, inner)
 
         self._relabel_worker = None
         self._relabel_again = False
@@ -126,23 +210,88 @@ class SegmentWidget(QWidget):
         self._relabel_timer.setSingleShot(True)
         self._relabel_timer.setInterval(40)  # coalesce slider drags
         self._relabel_timer.timeout.connect(self.relabel)
-        self.threshold.valueChanged.connect(lambda *_: self._relabel_timer.start())
-        self.min_size.valueChanged.connect(lambda *_: self._relabel_timer.start())
+        self.threshold.valueChanged.connect(self._on_params)
+        self.min_size.valueChanged.connect(self._on_params)
+        self.contours.toggled.connect(lambda on: remember("segment/contours", on))
+        self.show_probabilities.toggled.connect(lambda on: remember("segment/probabilities", on))
         self.run_button.clicked.connect(self.run)
-        self.state.events.model.connect(self._on_model)
+        self.image.currentIndexChanged.connect(self._sync_controls)
+        self._connections = [(self.state.events.model, self._on_model),
+                             (self.state.events.jobs, self._on_busy),
+                             (self.state.results.changed, self._on_results)]
+        for signal, slot in self._connections:
+            signal.connect(slot)
+        self.destroyed.connect(lambda *_: self._disconnect())
         self._on_model()
+        self._on_busy()
 
-    def _on_model(self, *_):
+    def _disconnect(self):
+        for signal, slot in self._connections:
+            try:
+                signal.disconnect(slot)
+            except Exception:
+                pass
+
+    # --- what the controls show ------------------------------------------------------------------
+    def selected_result(self) -> SegmentResult | None:
+        layer = self.image.layer()
+        return None if layer is None else self.state.results.get(image_key(layer))
+
+    @property
+    def result(self) -> SegmentResult | None:
+        """The selected image's result (None when it has none)."""
+        return self.selected_result()
+
+    def _set_controls(self, threshold: float, min_size: int, task: str | None) -> None:
+        for w in (self.threshold, self.min_size, self.task):
+            w.blockSignals(True)
+        self.threshold.setValue(float(threshold))
+        self.min_size.setValue(int(min_size))
+        if task in TASKS:
+            self.task.setCurrentText(task)
+        for w in (self.threshold, self.min_size, self.task):
+            w.blockSignals(False)
+
+    def _sync_controls(self, *_):
+        """Threshold / min size / task show the selected image's result; without one, the current
+        model's suggestions. Never relabels anything."""
+        if not alive(self):
+            return
+        r = self.selected_result()
+        if r is not None:
+            self._set_controls(r.threshold, r.min_size, r.task)
+            self.summary.setText(describe(r))
+        else:
+            self._model_defaults()
+            self.summary.setText("")
+
+    def _model_defaults(self):
         card = self.state.card
         if card is None:
             return
-        if card.task in TASKS:
-            self.task.setCurrentText(card.task)
         params = card.instance_params or {}
-        if "threshold" in params:
-            self.threshold.setValue(float(params["threshold"]))
-        if "min_size" in params:
-            self.min_size.setValue(int(params["min_size"]))
+        self._set_controls(params.get("threshold", self.threshold.value()),
+                           params.get("min_size", self.min_size.value()), card.task)
+
+    def _on_model(self, *_):
+        """A new current model: its suggested settings apply to images without a result; existing
+        results keep their labels, threshold and task."""
+        if alive(self) and self.selected_result() is None:
+            self._model_defaults()
+
+    def _on_results(self, key: str):
+        layer = self.image.layer()
+        if alive(self) and layer is not None and image_key(layer) == key:
+            self._sync_controls()
+
+    def _on_busy(self, *_):
+        if alive(self):
+            self.run_button.setEnabled(not self.jobs.busy)
+
+    def _on_params(self, *_):
+        remember("segment/threshold", self.threshold.value())
+        remember("segment/min_size", self.min_size.value())
+        self._relabel_timer.start()
 
     # --- running the model -----------------------------------------------------------------------
     def run(self) -> None:
@@ -161,8 +310,9 @@ class SegmentWidget(QWidget):
         visible = self.visible_only.isChecked()
         region = layer_region(layer, shape) if visible else (slice(0, shape[0]), slice(0, shape[1]))
         model, card, device = self.state.model, self.state.card, self.state.device
+        tag = self.state.model_tag()
         task = self.task.currentText()
-        source = layer.name
+        source, name = image_key(layer), layer.name
         scale, translate = region_placement(layer, region)
 
         box = (region[0].start, region[0].stop, region[1].start, region[1].stop) if visible else None
@@ -174,38 +324,49 @@ class SegmentWidget(QWidget):
 
             probs = predict(model, data, card, device=device, region=box, progress=report,
                             cancel=cancel)
-            result = SegmentResult(source, task, region, probs, InstanceMaker(probs, card, mode=task),
-                                   scale, translate, threshold=threshold, min_size=min_size)
+            report(0, 0, stage="post-processing (finding objects)…")
+            result = SegmentResult(source, name, task, region, probs,
+                                   InstanceMaker(probs, card, mode=task), scale, translate,
+                                   threshold=threshold, min_size=min_size, model_tag=tag)
             result.make_labels()  # the first labels here, off the GUI thread (watershed can be slow)
             _ = result.foreground
             return result
 
+        self._run_card = card
         self.jobs.run(job, self._show, "segmentation",
                       hint="Check that the image is an H&E RGB (or grayscale) image the model fits.")
 
     def _show(self, result: SegmentResult) -> None:
-        if (result.threshold, result.min_size) != (self.threshold.value(), self.min_size.value()):
-            result.threshold, result.min_size = self.threshold.value(), self.min_size.value()
-            result.labels = None  # moved while it ran: re-derive
-        show_result(self.viewer, result, self.show_probabilities.isChecked())
-        self._summarise(result)
-
-    @property
-    def result(self) -> SegmentResult | None:
-        return self.state.result
+        image = image_by_key(self.viewer, result.source)
+        if image is None:  # the image was closed while the job ran: nothing to show it on
+            self.summary.setText(f"'{result.image_name}' was closed; its segmentation was dropped.")
+            return
+        result.image_name = image.name
+        old = self.state.results.get(result.source)
+        full = result.region == (slice(0, image.data.shape[0]), slice(0, image.data.shape[1])) \
+            if not getattr(image, "multiscale", False) else False
+        note = ""
+        if not full and old is not None and old.covers(result.region) and old.task == result.task:
+            result = merge_region(old, result, self._run_card)
+            note = "Only the visible region was replaced; the rest of the result is unchanged. "
+        layer, where = show_result(self.viewer, result, self.show_probabilities.isChecked(),
+                                   self.contours.isChecked())
+        self.summary.setText(f"{describe(result)}. {note}{where}".strip())
 
     def relabel(self) -> None:
-        """New labels from the cached probabilities (threshold, min size); no model run.
+        """New labels for the selected image from its cached probabilities; no model run.
 
         Derived in a background thread (a nuclei watershed takes ~0.1 s per megapixel); while one
         is running, only the latest slider position waits."""
-        r = self.state.result
+        r = self.selected_result()
         if r is None:
             return
         if self._relabel_worker is not None:
             self._relabel_again = True
             return
         threshold, min_size = self.threshold.value(), self.min_size.value()
+        if (threshold, min_size) == (r.threshold, r.min_size) and r.labels is not None:
+            return
 
         @thread_worker
         def work():
@@ -215,19 +376,20 @@ class SegmentWidget(QWidget):
                 return err
 
         def done(labels):
+            if not alive(self):
+                return
             if isinstance(labels, Exception):
                 show_error(f"Could not make labels: {labels}.")
                 return
-            if self.state.result is not r:
-                return  # a newer segmentation replaced it meanwhile
+            if self.state.results.get(r.source) is not r or image_by_key(self.viewer, r.source) is None:
+                return  # a newer segmentation replaced it meanwhile, or the image was closed
             r.threshold, r.min_size, r.labels = threshold, min_size, labels
-            put_layer(self.viewer, r, "instances", labels, "labels", name=f"{r.source} {r.task}",
-                      opacity=0.5)
-            self._summarise(r)
+            layer, where = put_labels(self.viewer, r, self.contours.isChecked())
+            self.summary.setText(f"{describe(r)}. {where}".strip())
 
         def finished():
             self._relabel_worker = None
-            if self._relabel_again:
+            if self._relabel_again and alive(self):
                 self._relabel_again = False
                 self.relabel()
 
@@ -240,13 +402,11 @@ class SegmentWidget(QWidget):
     def busy(self) -> bool:
         return self.jobs.busy or self._relabel_worker is not None
 
-    def _summarise(self, r: SegmentResult) -> None:
-        n = int(np.count_nonzero(np.unique(r.labels)))
-        what = "classes" if r.task == "semantic" else "objects"
-        h, w = r.probabilities.shape[-2:]
-        self.summary.setText(f"{n} {what} in {h} x {w} px of '{r.source}' at threshold "
-                             f"{r.threshold:.2f}, min size {r.min_size} px")
-
     def labels_layer(self):
-        r = self.state.result
-        return None if r is None else find_owned_layer(self.viewer, "instances", r.source)
+        """The plugin's (unedited) labels layer of the selected image's result."""
+        r = self.selected_result()
+        if r is None:
+            return None
+        layers = [layer for layer in find_owned_layers(self.viewer, "instances", r.source)
+                  if not is_edited(layer)]
+        return layers[-1] if layers else None

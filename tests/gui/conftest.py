@@ -94,3 +94,101 @@ def messages(monkeypatch):
 
 def errors(shown) -> list[str]:
     return [text for kind, text in shown if kind in ("show_error", "show_warning")]
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A tiny U-Net + DCA taught for a few steps on the nuclei sample's ground truth, so that its
+    labels have structure (random weights give a near-constant probability); ~15 s once."""
+    from napari_dca._sample_data import nuclei_sample
+    from src_models import build_model
+    from src_models.checkpoints import card_for, save_checkpoint
+    from src_models.finetune import finetune
+
+    sample = nuclei_sample()
+    image, mask = sample[0][0], sample[1][0]
+    torch.manual_seed(0)
+    model = build_model("unet", width=0.125).eval()
+    card = card_for(model, task="nuclei", tile_size=64, trained_on="nuclei sample (test model)",
+                    instance_params={"threshold": 0.5, "min_size": 0}, licence="MIT")
+    out = finetune(model, image[:192, :192], mask[:192, :192], steps=30, lr=1e-2, card=card,
+                   batch_size=4)
+    return save_checkpoint(out.model, tmp_path_factory.mktemp("trained") / "trained.safetensors", card)
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(trained_checkpoint, tmp_path_factory) -> Path:
+    """The same weights with a 'glands' card that suggests other settings (threshold 0.8, min size
+    40): loading it must not relabel results made before."""
+    from src_models.checkpoints import card_for, load_checkpoint, save_checkpoint
+
+    model, _ = load_checkpoint(trained_checkpoint)
+    card = card_for(model, task="glands", tile_size=64, trained_on="test", licence="MIT",
+                    instance_params={"threshold": 0.8, "min_size": 40})
+    return save_checkpoint(model, tmp_path_factory.mktemp("other") / "other.safetensors", card)
+
+
+# --- driving the canvas with real Qt events ------------------------------------------------------
+def settle(qtbot, ms: int = 30) -> None:
+    qtbot.wait(ms)
+
+
+def canvas_widget(viewer):
+    return viewer.window._qt_viewer.canvas.native
+
+
+def canvas_point(viewer, y: float, x: float):
+    """The canvas (widget) pixel showing world point (y, x) of a 2D view."""
+    from qtpy.QtCore import QPoint
+
+    native = canvas_widget(viewer)
+    cy, cx = np.asarray(viewer.camera.center)[-2:]
+    zoom = viewer.camera.zoom
+    return QPoint(int(round((x - cx) * zoom + native.width() / 2)),
+                  int(round((y - cy) * zoom + native.height() / 2)))
+
+
+def drag(viewer, qtbot, points) -> None:
+    """Mouse press at the first (y, x) world point, moves through the others, release at the last:
+    what a user's brush stroke (or click, with one point) sends to the canvas."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    native = canvas_widget(viewer)
+    QTest.mousePress(native, Qt.LeftButton, Qt.NoModifier, canvas_point(viewer, *points[0]))
+    for p in points[1:]:
+        QTest.mouseMove(native, canvas_point(viewer, *p))
+        settle(qtbot, 5)
+    QTest.mouseRelease(native, Qt.LeftButton, Qt.NoModifier, canvas_point(viewer, *points[-1]))
+    settle(qtbot)
+
+
+def paint(viewer, qtbot, layer, points, label: int, mode: str = "paint", brush: int = 6) -> None:
+    """A brush stroke with napari's own paint tool: the layer active, in `mode`, real mouse events."""
+    viewer.layers.selection.active = layer
+    layer.mode = mode
+    layer.brush_size = brush
+    if mode == "paint":
+        layer.selected_label = label
+    settle(qtbot)
+    drag(viewer, qtbot, points)
+
+
+def shown_viewer(make_napari_viewer, qtbot):
+    """A visible viewer whose canvas has its final size (so canvas_point is exact)."""
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1200, 800)
+    settle(qtbot, 50)
+    return viewer
+
+
+def fit(viewer, qtbot) -> None:
+    viewer.reset_view()
+    settle(qtbot, 50)
+
+
+def labels_layers_holding(viewer, mask: np.ndarray, value: int) -> list:
+    """Labels layers (of the image's shape) whose pixels under `mask` all equal `value`."""
+    from napari.layers import Labels
+    return [layer for layer in viewer.layers if isinstance(layer, Labels)
+            and layer.data.shape == mask.shape and np.all(layer.data[mask] == value)]
