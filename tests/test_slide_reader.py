@@ -104,3 +104,15 @@ def test_labels_layer_saved_as_geojson_is_in_level0_pixels(tmp_path):
     # level-0 pixel offset = translate / scale = (100, 200): x in [230, 245], y in [110, 120]
     assert ring[:, 0].min() == pytest.approx(230) and ring[:, 0].max() == pytest.approx(245)
     assert ring[:, 1].min() == pytest.approx(110) and ring[:, 1].max() == pytest.approx(120)
+
+
+def test_visible_region_of_a_multiscale_layer_is_in_level0_pixels():
+    from types import SimpleNamespace
+
+    from napari_dca._widgets._common import layer_region
+    # the canvas shows rows 10..19, cols 20..39 of level 2 (downsample 16)
+    layer = SimpleNamespace(multiscale=True, data_level=2, corner_pixels=np.array([[10, 20], [19, 39]]),
+                            downsample_factors=np.array([[1, 1], [4, 4], [16, 16]]))
+    assert layer_region(layer, (2048, 3072)) == (slice(160, 320), slice(320, 640))
+    plain = SimpleNamespace(corner_pixels=np.array([[10, 20], [59, 79]]))
+    assert layer_region(plain, (100, 100)) == (slice(10, 60), slice(20, 80))

@@ -136,8 +136,15 @@ def layer_region(layer, shape: tuple[int, int]) -> tuple[slice, slice]:
     corners = np.asarray(getattr(layer, "corner_pixels", np.zeros((2, 0))))
     if corners.shape[-1] < 2:
         return slice(0, shape[0]), slice(0, shape[1])
-    lo = np.clip(corners[0, -2:], 0, shape).astype(int)
-    hi = np.clip(corners[1, -2:] + 1, 0, shape).astype(int)
+    lo, hi = corners[0, -2:].astype(float), corners[1, -2:].astype(float) + 1
+    if getattr(layer, "multiscale", False):
+        # a multiscale layer's corner pixels are in its current level: scale them to level 0,
+        # the level `shape` (and the segmentation) is in
+        level = int(getattr(layer, "data_level", 0))
+        factors = np.asarray(layer.downsample_factors, float)[level][-2:]
+        lo, hi = lo * factors, hi * factors
+    lo = np.clip(np.floor(lo), 0, shape).astype(int)
+    hi = np.clip(np.ceil(hi), 0, shape).astype(int)
     if np.any(hi - lo < 16):
         return slice(0, shape[0]), slice(0, shape[1])
     return slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1]))
