@@ -58,10 +58,20 @@ def _names(args, card) -> list[str] | None:
     return split_of(card, args.images or args.predictions, args.split)
 
 
+def _check_folders(args) -> None:
+    for option, folder in (("--images", args.images), ("--masks", args.masks),
+                           ("--predictions", args.predictions), ("--save-labels", None)):
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"{option} {folder}: no such folder")
+    if args.names and not Path(args.names).is_file():
+        raise FileNotFoundError(f"--names {args.names}: no such file")
+
+
 def run(args) -> int:
     from src_models.evaluate import evaluate_folder, evaluate_predictions
 
     try:
+        _check_folders(args)
         if args.predictions:
             names = _names(args, None) if (args.names or args.split != "all") else None
             report = evaluate_predictions(args.predictions, args.masks, names, task=args.task or "nuclei")

@@ -88,9 +88,9 @@ class EvaluationReport:
             md, js = out.with_suffix(".md"), out.with_suffix(".json")
         else:
             md, js = out / "evaluation.md", out / "evaluation.json"
-        md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(self.to_markdown())
-        js.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        from .safe_write import write_text_atomic
+        write_text_atomic(md, self.to_markdown())
+        write_text_atomic(js, json.dumps(self.to_dict(), indent=1) + "\n")
         return md, js
 
 

@@ -105,3 +105,16 @@ def test_segment_into_the_input_folder_keeps_every_input(tiny_checkpoint, tmp_pa
     assert cli.main(["segment", str(tmp_path), "-o", str(tmp_path), "-c", str(tiny_checkpoint),
                      "--quiet"]) == 0
     assert "already segmented" in capsys.readouterr().err
+
+
+def test_evaluate_mistakes_are_one_line(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    assert cli.main(["evaluate", "-c", str(tiny_checkpoint), "--images", str(tmp_path / "images"),
+                     "--masks", str(tmp_path / "nomasks"), "-o", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nomasks" in err[0]
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    assert cli.main(["evaluate", "-c", str(empty), "--images", str(tmp_path / "images"),
+                     "--masks", str(tmp_path / "images"), "-o", str(tmp_path / "ev")]) == 2
+    assert "empty file" in capsys.readouterr().err
