@@ -14,16 +14,25 @@ DEFAULT_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.
 
 
 def as_float01(image: np.ndarray) -> np.ndarray:
-    """Scale to float32 [0, 1]: uint8 / 255, uint16 / 65535, other integers by their dtype's max;
-    floats already in [0, 1] are kept, other floats are min-max scaled."""
+    """Scale to float32 [0, 1]: uint8 / 255, uint16 / 65535, other integers by their dtype's max
+    (signed integers with negative values: min-max); floats already in [0, 1] are kept, other
+    floats are min-max scaled over their finite values, NaN/inf replaced by that range's ends."""
     image = np.asarray(image)
     if image.dtype == np.bool_:
         return image.astype(np.float32)
+    if np.issubdtype(image.dtype, np.signedinteger) and image.size and image.min() < 0:
+        lo, hi = float(image.min()), float(image.max())  # negative values: the data's own range
+        return (image.astype(np.float32) - lo) / max(hi - lo, 1e-12)
     if np.issubdtype(image.dtype, np.integer):
         return image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
     if np.issubdtype(image.dtype, np.floating):
         image = image.astype(np.float32, copy=False)
-        lo, hi = float(np.nanmin(image)) if image.size else 0.0, float(np.nanmax(image)) if image.size else 1.0
+        finite = np.isfinite(image)
+        if image.size and not finite.all():  # NaN/inf must not spread: the finite range stands in
+            values = image[finite]
+            lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+            image = np.nan_to_num(image, nan=lo, posinf=hi, neginf=lo)
+        lo, hi = (float(image.min()), float(image.max())) if image.size else (0.0, 1.0)
         if lo >= 0.0 and hi <= 1.0:
             return image
         return (image - lo) / max(hi - lo, 1e-12)

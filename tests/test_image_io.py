@@ -119,3 +119,12 @@ def test_labels_are_written_atomically_and_never_through_a_symlink(tmp_path):
     with pytest.raises(UnsafeOutputError):
         write_labels(link, np.ones((5, 5), np.int32))
     assert not (tmp_path / "elsewhere.tif").exists()
+
+
+def test_as_float01_keeps_nan_inf_and_negative_values_in_range():
+    from src_models.preprocess import as_float01
+    img = np.array([[0.0, np.nan], [np.inf, 100.0]], np.float32)
+    out = as_float01(img)
+    assert np.isfinite(out).all() and out.min() == 0.0 and out.max() == 1.0
+    signed = as_float01(np.array([[-100, 0], [50, 100]], np.int16))
+    assert signed.min() == 0.0 and signed.max() == 1.0
