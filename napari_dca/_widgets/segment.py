@@ -19,6 +19,8 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QPushButt
                             QSpinBox, QVBoxLayout, QWidget)
 from superqt import QLabeledDoubleSlider
 
+from src_models.runtime_onnx import default_runtime
+
 from ._common import (LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
                       check_image, find_owned_layer, find_owned_layers, image_by_key, image_key,
                       is_edited, layer_region, owned_metadata, owner, show_error, track_edits)
@@ -177,6 +179,14 @@ class SegmentWidget(QWidget):
         self.min_size.setToolTip("Objects smaller than this are dropped; changes the labels live")
         self.contours = QCheckBox("Outlines only (the tissue stays visible)")
         self.contours.setChecked(remembered("segment/contours", True))
+        self.runtime = QComboBox()  # what runs the model (src_models/runtime_onnx.py)
+        self.runtime.addItem("auto (fast exported graph on the CPU)", "auto")
+        self.runtime.addItem("torch (PyTorch)", "torch")
+        self.runtime.addItem("onnx (exported graph, ONNX Runtime)", "onnx")
+        self.runtime.setCurrentIndex(max(0, self.runtime.findData(default_runtime())))
+        self.runtime.setToolTip("On a CPU the exported graph runs about twice as fast as PyTorch, "
+                                "with the same results. The first run of a model (or of new "
+                                "weights) exports it once into your cache folder (~20-60 s).")
         self.show_probabilities = QCheckBox("Add a probability layer")
         self.show_probabilities.setChecked(remembered("segment/probabilities", False))
         self.visible_only = QCheckBox("Visible region only (for big images)")
@@ -193,6 +203,7 @@ class SegmentWidget(QWidget):
         form.addRow("Task", self.task)
         form.addRow("Threshold", self.threshold)
         form.addRow("Min size", self.min_size)
+        form.addRow("Runtime", self.runtime)
         inner = QVBoxLayout()
         inner.addLayout(form)
         inner.addWidget(self.contours)
@@ -317,13 +328,18 @@ class SegmentWidget(QWidget):
 
         box = (region[0].start, region[0].stop, region[1].start, region[1].stop) if visible else None
         threshold, min_size = self.threshold.value(), self.min_size.value()
+        runtime = self.runtime.currentData()
+        if runtime == "onnx" and str(device) != "cpu":
+            show_error(f"The onnx runtime runs on the CPU; the model is on {device}. "
+                       "Choose auto or torch, or the CPU in the Model widget.")
+            return
 
         def job(report, cancel):
             from src_models.inference import predict
             from src_models.instances import InstanceMaker
 
             probs = predict(model, data, card, device=device, region=box, progress=report,
-                            cancel=cancel)
+                            cancel=cancel, runtime=runtime)
             report(0, 0, stage="post-processing (finding objects)…")
             result = SegmentResult(source, name, task, region, probs,
                                    InstanceMaker(probs, card, mode=task), scale, translate,
