@@ -50,14 +50,17 @@ class SlideResult:
     chunks_segmented: int
     seconds: float
     shape: tuple[int, int]
+    stages: dict | None = None     # seconds per stage: tissue, segment, write, objects
 
     def summary(self) -> str:
         area = (f"{self.tissue_mm2:.2f} mm²" if self.tissue_mm2 is not None
                 else f"{self.tissue_megapixels:.1f} MP")
         return (f"{self.slide.name}: {self.n_objects} objects, tissue {area} "
                 f"({self.tissue_fraction:.0%} of {self.shape[0]}x{self.shape[1]}), "
-                f"{self.chunks_segmented}/{self.chunks} chunks segmented, {self.seconds:.1f} s "
-                f"-> {self.labels}")
+                f"{self.chunks_segmented}/{self.chunks} chunks segmented, {self.seconds:.1f} s"
+                + (" (" + ", ".join(f"{k} {v:.0f} s" for k, v in self.stages.items()) + ")"
+                   if self.stages else "")
+                + f" -> {self.labels}")
 
 
 def output_paths(slide_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
@@ -121,9 +124,18 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
     if runner is None:
         runner = ModelRunner(model, select_device(device), tta=tta, max_batch=batch_size)
 
+    stages: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        stages[name] = now - clock[0]
+        clock[0] = now
+
     with open_slide(path) as slide:
         h, w = slide.shape
         mask = slide_tissue(slide) if tissue else TissueMask.everywhere((h, w))
+        lap("tissue")
         grid = ChunkGrid(h, w, chunk, margin)
 
         def include(core: Core) -> bool:
@@ -155,6 +167,7 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
 
         result = label_cores(prob_for, label_fn, work, grid, rule, include=include, log=log,
                              progress=on_core, cancel=cancel)
+        lap("segment")
 
         levels = min(pyramid_levels((h, w)), _power_of_two_levels(chunk))
         class_name = CLASS_NAMES.get(mode, "Object")
@@ -166,12 +179,14 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
             if progress is not None:
                 progress("write", i, len(cores), None)
         writer.close()
+        lap("write")
 
         wrote_geojson = wrote_table = None
         if mode != "semantic" and (geojson or table):
             wrote_geojson, wrote_table = _write_objects(
                 slide, open_labels(paths["labels"]), result.boxes, grid, paths, class_name,
                 geojson, table, progress)
+            lap("objects")
 
         tissue_px = mask.area_pixels() if tissue else float(h * w)
         tissue_um2 = mask.area_um2(slide.mpp) if tissue else (
@@ -183,7 +198,7 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
     return SlideResult(Path(path), paths["labels"], wrote_geojson, wrote_table, result.n_objects,
                        fraction, None if tissue_um2 is None else tissue_um2 / 1e6,
                        tissue_px / 1e6, len(cores), result.cores - result.skipped,
-                       time.perf_counter() - start, shape)
+                       time.perf_counter() - start, shape, stages)
 
 
 def _power_of_two_levels(chunk: int) -> int:
