@@ -1,7 +1,7 @@
 """Whole-slide throughput and memory: a generated slide, the bundled nuclei model, the full pipeline.
 
-    python benchmarks/bench_slide.py --size 40000 [--tissue 0.3] [--threads 1] [--out DIR]
-        [--workers-check]
+    python benchmarks/bench_slide.py --size 40000 [--tissue 0.3] [--islands N] [--threads 1]
+        [--chunk 2048] [--out DIR] [--workers-check]
 
 Steps (each `segment_slide` run in a fresh subprocess so its peak RSS is its own):
 1. write a synthetic Aperio-layout slide (src_models/testing/make_slide.py: H&E training images as
@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=40000)
     p.add_argument("--tissue", type=float, default=0.3)
+    p.add_argument("--islands", type=int, default=None,
+                   help="tissue sections on the glass (default: one per ~3000² px, as in tests)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--checkpoint", default="nuclei")
@@ -104,14 +106,16 @@ def main(argv=None) -> int:
     keep.mkdir(parents=True, exist_ok=True)
     try:
         from src_models.testing.make_slide import make_slide, tissue_fraction
-        slide = keep / f"bench_{args.size}.svs"
+        slide = keep / f"bench_{args.size}_{args.islands or 'grid'}.svs"
         start = time.perf_counter()
         if slide.exists():
             from src_models.testing.make_slide import make_layout
-            layout = make_layout(args.size, args.size, args.tissue, seed=0, cells=[])
+            layout = make_layout(args.size, args.size, args.tissue, seed=0, cells=[],
+                                 islands=args.islands)
             made = None
         else:
-            slide, layout = make_slide(slide, (args.size, args.size), tissue=args.tissue)
+            slide, layout = make_slide(slide, (args.size, args.size), tissue=args.tissue,
+                                       islands=args.islands)
             made = time.perf_counter() - start
         rows = {"generate_s": made, "true_tissue_fraction": tissue_fraction(layout),
                 "slide_bytes": slide.stat().st_size}

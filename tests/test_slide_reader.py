@@ -116,3 +116,13 @@ def test_visible_region_of_a_multiscale_layer_is_in_level0_pixels():
     assert layer_region(layer, (2048, 3072)) == (slice(160, 320), slice(320, 640))
     plain = SimpleNamespace(corner_pixels=np.array([[10, 20], [59, 79]]))
     assert layer_region(plain, (100, 100)) == (slice(10, 60), slice(20, 80))
+
+
+def test_tissue_box_within_a_window():
+    mask = np.zeros((10, 10), bool)
+    mask[2:4, 5:7] = True                      # level-0 rows 32..63, cols 80..111 (16 px/pixel)
+    tissue = TissueMask(mask, (16.0, 16.0))
+    assert tissue.box_within(0, 160, 0, 160) == (32, 64, 80, 112)
+    assert tissue.box_within(0, 160, 0, 160, pad=8) == (24, 72, 72, 120)
+    assert tissue.box_within(40, 160, 0, 90, pad=100) == (40, 160, 0, 90)   # clipped to the window
+    assert tissue.box_within(100, 160, 0, 160) is None

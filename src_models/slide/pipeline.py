@@ -153,9 +153,22 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
         log = ChunkLog(paths["run"] / "chunks", signature)
         eta = _Eta(to_segment)
 
-        def prob_for(y0, y1, x0, x1):
+        def predict_box(y0, y1, x0, x1):
             return predict(model, slide.levels[0], card, tile_size=tile_size, overlap=overlap,
                            batch_size=batch_size, region=(y0, y1, x0, x1), runner=runner)
+
+        def prob_for(y0, y1, x0, x1):
+            # only the part of the window holding tissue goes through the model (glass around
+            # it is background); the model still sees its own context around that part
+            box = mask.box_within(y0, y1, x0, x1, pad=margin) if tissue else None
+            if box is None or box == (y0, y1, x0, x1):
+                return predict_box(y0, y1, x0, x1)
+            part = predict_box(*box)
+            out = np.zeros(part.shape[:-2] + (y1 - y0, x1 - x0), np.float32)
+            if out.ndim == 3:
+                out[0] = 1.0   # multi-class: P(background) = 1 on the glass
+            out[..., box[0] - y0:box[1] - y0, box[2] - x0:box[3] - x0] = part
+            return out
 
         def label_fn(prob):
             return probabilities_to_labels(prob, card, **settings)

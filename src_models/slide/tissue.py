@@ -58,6 +58,25 @@ class TissueMask:
         mx1 = min(self.mask.shape[1], int(math.ceil(x1 / dx)))
         return bool(my1 > my0 and mx1 > mx0 and self.mask[my0:my1, mx0:mx1].any())
 
+    def box_within(self, y0: int, y1: int, x0: int, x1: int, pad: int = 0
+                   ) -> tuple[int, int, int, int] | None:
+        """The level-0 bounding box (y0, y1, x0, x1) of the tissue inside a box, grown by `pad`
+        and clipped to the box; None when the box holds no tissue."""
+        dy, dx = self.downsample
+        my0, mx0 = max(0, int(y0 / dy)), max(0, int(x0 / dx))
+        my1 = min(self.mask.shape[0], int(math.ceil(y1 / dy)))
+        mx1 = min(self.mask.shape[1], int(math.ceil(x1 / dx)))
+        if my1 <= my0 or mx1 <= mx0:
+            return None
+        rows = np.flatnonzero(self.mask[my0:my1, mx0:mx1].any(1))
+        cols = np.flatnonzero(self.mask[my0:my1, mx0:mx1].any(0))
+        if not len(rows):
+            return None
+        top, bottom = (my0 + rows[0]) * dy, (my0 + rows[-1] + 1) * dy
+        left, right = (mx0 + cols[0]) * dx, (mx0 + cols[-1] + 1) * dx
+        return (max(y0, int(top) - pad), min(y1, int(math.ceil(bottom)) + pad),
+                max(x0, int(left) - pad), min(x1, int(math.ceil(right)) + pad))
+
     @classmethod
     def everywhere(cls, shape: tuple[int, int]) -> "TissueMask":
         """'Tissue detection off': the whole slide counts as tissue."""
