@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 
 from .augment import flip_rot90
+from .finetune_check import (RegionScore, choose_postprocessing, region_probabilities, replay_crops,
+                             score_region, score_replay, split_check)
 from .losses import dice_ce_loss, labels_to_target, touching_gap_weights
 from .preprocess import DEFAULT_NORMALIZATION, as_float01, normalize, to_channels
 
@@ -58,8 +60,17 @@ def is_encoder_param(name: str, prefixes: Sequence[str]) -> bool:
 
 @dataclass
 class FinetuneResult:
-    """What one fine-tuning round produced. `model` is a new module (eval mode); the one passed in is
-    unchanged. `corrections` is meant for the new checkpoint card's `corrections` field."""
+    """What one fine-tuning round produced.
+
+    `model` is the model to use from now on (eval mode): the new weights when the round was `kept`,
+    otherwise the model passed in (unchanged either way). `trained` is the new weights whatever the
+    decision. `reason` says in one line why the round was kept or rolled back, `summary` tells the
+    user what it did in their terms ("objects matching your held-back corrections: 12 of 20 before,
+    18 of 20 after"). `check_before` / `check_after` score the old and new model on the held-back
+    part of the corrections, `replay_before` / `replay_after` on crops of the model's training data
+    (None without replay data). `instance_params` are the post-processing settings to use with
+    `model` (re-chosen on the trained-on corrections when kept). `corrections` is the round's
+    record for the checkpoint card (`card()` adds it)."""
     model: nn.Module
     loss_history: list[float]
     steps_done: int
@@ -68,19 +79,33 @@ class FinetuneResult:
     corrections: dict[str, Any]
     seconds: float = 0.0
     stopped: str = "steps"          # "steps" | "cancelled" | "time budget" | "non-finite loss"
+    kept: bool = True
+    reason: str = ""
+    summary: str = ""
+    trained: nn.Module | None = None
+    check_before: RegionScore | None = None
+    check_after: RegionScore | None = None
+    replay_before: RegionScore | None = None
+    replay_after: RegionScore | None = None
+    check_source: str = "held back"   # "held back" | "trained on" (too few objects to hold back)
+    instance_params: dict[str, Any] | None = None
 
     def card(self, parent_card, parent: str | None = None):
-        """A copy of the parent's ModelCard for the fine-tuned model: `parent` names the checkpoint
-        that was fine-tuned (bundled name or path); None (an unsaved model was fine-tuned) keeps the
-        parent card's own `parent`, its last saved ancestor. This round is appended to
-        `corrections["rounds"]`, so consecutive unsaved rounds all stay on record."""
+        """A copy of the parent's ModelCard for `model`: `parent` names the checkpoint that was
+        fine-tuned (bundled name or path); None (an unsaved model was fine-tuned) keeps the parent
+        card's own `parent`, its last saved ancestor. This round (numbered, with its check scores and
+        whether it was kept) is appended to `corrections["rounds"]`, so consecutive unsaved rounds
+        all stay on record; a kept round's re-chosen post-processing becomes the card's
+        `instance_params`."""
         from .checkpoints import ModelCard
         d = parent_card.to_dict() if hasattr(parent_card, "to_dict") else dict(parent_card)
         d.pop("created", None)
         d["parent"] = str(parent) if parent else d.get("parent")
         previous = d.get("corrections") or {}
         rounds = list(previous.get("rounds", [])) if isinstance(previous, dict) else []
-        d["corrections"] = {"rounds": rounds + [self.corrections]}
+        d["corrections"] = {"rounds": rounds + [{"round": len(rounds) + 1, **self.corrections}]}
+        if self.kept and self.instance_params:
+            d["instance_params"] = dict(self.instance_params)
         return ModelCard.from_dict(d)
 
 
@@ -211,26 +236,39 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- the round
-def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=None, steps: int = 60,
+def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=None, steps: int = 30,
              lr: float = 3e-4, train: str = "all", tile_size: int | None = None, card=None,
              replay=None, progress: Callable[[int, int, float], None] | None = None,
              cancel: Callable[[], bool] | None = None, seed: int = 0, batch_size: int = 2,
              replay_per_batch: int = 1, weight_decay: float = 1e-4,
-             max_seconds: float | None = None, gap_weight: float | None = None) -> FinetuneResult:
-    """Train a copy of `model` on corrected labels of one image.
+             max_seconds: float | None = None, gap_weight: float | None = None,
+             warmup_steps: int = 0, check_fraction: float = 0.25, replay_tolerance: float = 0.01,
+             rechoose_postprocessing: bool = True, device: str = "cpu") -> FinetuneResult:
+    """One safe round: train a copy of `model` on corrected labels of one image, check it on the part
+    of the corrections it did not train on (and on the model's training data), keep it only if it
+    is at least as good there.
 
     image: (H, W, 3) uint8 / float (or (H, W) gray); labels: (H, W) corrected instance ids
     (0 = background; class ids for multi-class models); region: None (all of the image), an (H, W)
     boolean mask or a (y0, y1, x0, x1) box: only labels there count (the loss ignores other pixels).
     train: "all" or "decoder" (encoder frozen, see `encoder_prefixes`). tile_size: crop side, by
     default the card's tile size (256 without a card). card: the model's ModelCard (normalisation,
-    tile size). replay: training samples of the model ((image, mask) pairs or data.Sample) of which
-    `replay_per_batch` crops join every batch. progress(step, steps, loss) after every step; cancel()
-    is checked before every step and stops the round with the weights of the last finished step;
-    max_seconds likewise stops it once that much time has passed (a predictable round in the GUI).
+    tile size, post-processing). replay: training samples of the model ((image, mask) pairs or
+    data.Sample) of which `replay_per_batch` crops join every batch, and fixed crops of which check
+    the round. progress(step, steps, loss) after every step; cancel() is checked before every step
+    and ends the round with the old model kept; max_seconds stops training once that much time has
+    passed (a predictable round in the GUI; the check still runs).
     gap_weight: loss weight on background gaps between touching objects (`touching_gap_weights`),
-    by default what the checkpoint was trained with (its card), else 1 (off): a brush stroke that
-    separates two merged glands is exactly such a gap.
+    by default what the checkpoint was trained with (its card), else 1 (off).
+    warmup_steps: the learning rate rises linearly over these first steps.
+
+    The check: about `check_fraction` of the reviewed region (its far end along the longer side, cut
+    between objects; `finetune_check.split_check`) is held back and never trained on. After training
+    the post-processing is re-chosen on the trained-on corrections (`rechoose_postprocessing`), and
+    old (card settings) and new (re-chosen settings) are scored on the held-back part and on replay
+    crops; the new weights are kept only if their held-back score is at least the old one and their
+    replay score at most `replay_tolerance` lower. When too few objects were corrected to hold some
+    back, the check uses the trained-on corrections instead, and says so.
     Raises ValueError, before any training, if the reviewed region holds no labelled pixel."""
     if train not in ("all", "decoder"):
         raise ValueError(f"train must be 'all' or 'decoder', got {train!r}")
@@ -245,6 +283,8 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
                          "least one object (fine-tuning on background alone would teach the model "
                          "to predict nothing)")
     corrections = describe_corrections(image, labels, valid, region)
+    check = split_check(valid, labels, check_fraction)
+    train_valid = valid & ~check
 
     t0 = time.perf_counter()
     cfg = getattr(model, "config", {})
@@ -254,13 +294,15 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     trained = getattr(card, "training", None) or {}
     gap = float(trained.get("gap_weight", 1.0) if gap_weight is None else gap_weight)
     gap_radius = int(trained.get("gap_radius", 6))
-    sampler = CorrectionSampler(image, labels, valid, tile, in_channels, num_classes, normalization,
-                                gap, gap_radius)
+    # Labels outside the trained-on part are zeroed before any target or weight is made from them.
+    sampler = CorrectionSampler(image, np.where(train_valid, labels, 0), train_valid, tile, in_channels,
+                                num_classes, normalization, gap, gap_radius)
+    replay = list(replay) if replay else []
     replayer = (ReplaySampler(replay, sampler.crop, in_channels, num_classes, normalization, gap,
                               gap_radius) if replay else None)
 
     new = copy.deepcopy(model)
-    device = next(new.parameters()).device
+    dev = next(new.parameters()).device
     prefixes = encoder_prefixes(new) if train == "decoder" else ()
     params = []
     for name, p in new.named_parameters():
@@ -268,6 +310,8 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
         if p.requires_grad:
             params.append(p)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warm = max(0, int(warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (warm + 1)))
     new.train()
     _freeze_batchnorm(new)
 
@@ -285,7 +329,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
         parts = sampler.batch(rng, batch_size)
         if replayer is not None and replay_per_batch > 0:
             parts = [torch.cat(pair) for pair in zip(parts, replayer.batch(rng, replay_per_batch))]
-        x, t, v, w = (a.to(device) for a in parts)
+        x, t, v, w = (a.to(dev) for a in parts)
         loss = dice_ce_loss(new(x), t, v, pixel_weight=w)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -294,6 +338,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         history.append(value)
         if progress is not None:
             progress(step + 1, steps, value)
@@ -301,10 +346,87 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
         p.requires_grad_(True)
     new.eval()
     steps_done = len(history)
+    train_seconds = time.perf_counter() - t0
     corrections.update({"steps": steps_done, "lr": lr, "train": train, "tile_size": tile,
                         "batch_size": batch_size, "seed": seed, "gap_weight": gap,
+                        "warmup_steps": warm,
                         "replay_images": len(replayer.items) if replayer is not None else 0,
-                        "final_loss": history[-1] if history else None, "stopped": stopped})
-    return FinetuneResult(model=new, loss_history=history, steps_done=steps_done, steps_requested=steps,
-                          cancelled=stopped == "cancelled", corrections=corrections,
-                          seconds=time.perf_counter() - t0, stopped=stopped)
+                        "final_loss": history[-1] if history else None, "stopped": stopped,
+                        "held_back_pixels": int(check.sum())})
+    result = FinetuneResult(model=new, loss_history=history, steps_done=steps_done,
+                            steps_requested=steps, cancelled=stopped == "cancelled",
+                            corrections=corrections, stopped=stopped, trained=new)
+    if stopped == "cancelled" or steps_done == 0:
+        why = "cancelled" if stopped == "cancelled" else f"no training step finished ({stopped})"
+        _decide(result, model, False, f"{why}: the previous model is kept")
+    else:
+        _check_round(result, model, new, image, labels, train_valid, check, card, replay,
+                     tile, replay_tolerance, rechoose_postprocessing, device)
+    corrections["check_seconds"] = round(time.perf_counter() - t0 - train_seconds, 2)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _decide(result: FinetuneResult, old: nn.Module, kept: bool, reason: str) -> None:
+    result.kept, result.reason = kept, reason
+    result.model = result.trained if kept else old
+    result.corrections.update({"kept": kept, "reason": reason})
+    result.summary = _summary(result)
+
+
+def _summary(r: FinetuneResult) -> str:
+    """The user's view of the round: held-back objects matched before -> after, and the decision."""
+    parts = []
+    if r.check_before is not None and r.check_after is not None:
+        which = "your held-back corrections" if r.check_source == "held back" else "your corrections"
+        parts.append(f"objects matching {which}: {r.check_before.matched} of {r.check_before.objects} "
+                     f"before, {r.check_after.matched} of {r.check_after.objects} after")
+    parts.append(("kept the fine-tuned model" if r.kept else "kept the previous model") + f" ({r.reason})")
+    return "; ".join(parts) + "."
+
+
+def _score_text(before: RegionScore, after: RegionScore) -> str:
+    name = {"object_f1": "object F1", "aji": "AJI", "dice": "Dice"}[before.metric]
+    return f"{name} {before.score:.3f} -> {after.score:.3f}"
+
+
+def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, labels, train_valid,
+                 check, card, replay, tile: int, tolerance: float, rechoose: bool, device) -> None:
+    """Scores old and new weights, re-chooses the post-processing, and decides (see `finetune`)."""
+    from .instances import InstanceParams
+    old_params = InstanceParams.from_card(card)
+    count_min = max(1, int(old_params.min_size))    # smaller corrected fragments are not counted
+    part = check if check.any() else train_valid
+    result.check_source = "held back" if check.any() else "trained on"
+    reviewed = train_valid | check
+    old_prob, box = region_probabilities(old, image, card, reviewed, device)
+    new_prob, _ = region_probabilities(new, image, card, reviewed, device)
+    new_params = old_params
+    if rechoose and old_params.mode != "semantic":
+        new_params, _ = choose_postprocessing(new_prob, box, labels, train_valid, card, old_params,
+                                              count_min)
+    result.instance_params = {k: v for k, v in asdict(new_params).items() if v is not None}
+    result.check_before = score_region(old_prob, box, labels, part, card, old_params, count_min)
+    result.check_after = score_region(new_prob, box, labels, part, card, new_params, count_min)
+    crops = replay_crops(replay, tile) if replay else []
+    result.replay_before = score_replay(old, crops, card, old_params, count_min, device)
+    result.replay_after = score_replay(new, crops, card, new_params, count_min, device)
+    result.corrections.update({
+        "check": {"source": result.check_source, "before": result.check_before.to_dict(),
+                  "after": result.check_after.to_dict()},
+        "replay_check": (None if result.replay_before is None else
+                         {"crops": len(crops), "before": result.replay_before.to_dict(),
+                          "after": result.replay_after.to_dict()}),
+        "instance_params": result.instance_params})
+    b, a = result.check_before, result.check_after
+    if a.score < b.score:
+        _decide(result, old, False, f"rolled back: worse on {'the held-back part of ' if check.any() else ''}"
+                                    f"your corrections ({_score_text(b, a)})")
+    elif result.replay_before is not None and \
+            result.replay_after.score < result.replay_before.score - tolerance:
+        _decide(result, old, False, f"rolled back: worse on the model's training data "
+                                    f"({_score_text(result.replay_before, result.replay_after)})")
+    else:
+        note = "" if result.replay_before is not None else "; no training data to check forgetting"
+        held = "held-back " if check.any() else ""
+        _decide(result, old, True, f"at least as good on your {held}corrections ({_score_text(b, a)}){note}")

@@ -51,7 +51,7 @@ def test_loss_decreases_and_original_is_untouched(tiny):
     assert last < 0.8 * first, (first, last)
     for k, v in tiny.state_dict().items():
         assert torch.equal(v, before[k]), f"original model changed at {k}"
-    assert res.model is not tiny and not res.model.training
+    assert res.trained is not tiny and not res.trained.training
     assert res.corrections["objects"] == 8
     assert res.corrections["labelled_pixels"] == int((labels > 0).sum())
     assert res.corrections["image_shape"] == [64, 64, 3]
@@ -60,7 +60,7 @@ def test_loss_decreases_and_original_is_untouched(tiny):
 def test_batchnorm_running_stats_stay_frozen(tiny):
     image, labels = toy_image()
     res = finetune(tiny, image, labels, steps=3, tile_size=TILE)
-    for (k, v), (_, w) in zip(tiny.state_dict().items(), res.model.state_dict().items()):
+    for (k, v), (_, w) in zip(tiny.state_dict().items(), res.trained.state_dict().items()):
         if "running_" in k or "num_batches_tracked" in k:
             assert torch.equal(v, w), k
 
@@ -113,14 +113,14 @@ def test_labels_outside_region_do_not_contribute(tiny, gap_weight):
         assert torch.equal(g0, g1)
     a = finetune(tiny, image, labels, region=region, steps=2, tile_size=TILE, gap_weight=gap_weight)
     b = finetune(tiny, image, other, region=region, steps=2, tile_size=TILE, gap_weight=gap_weight)
-    for (k, v), (_, w) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+    for (k, v), (_, w) in zip(a.trained.state_dict().items(), b.trained.state_dict().items()):
         assert torch.equal(v, w), k
     # ... and labels inside the region do matter
     inside_changed = labels.copy()
     inside_changed[:, :16] = 1
     c = finetune(tiny, image, inside_changed, region=region, steps=2, tile_size=TILE)
-    assert any(not torch.equal(v, w) for v, w in zip(a.model.state_dict().values(),
-                                                        c.model.state_dict().values()))
+    assert any(not torch.equal(v, w) for v, w in zip(a.trained.state_dict().values(),
+                                                        c.trained.state_dict().values()))
 
 
 def test_box_region_equals_mask_region():
@@ -140,13 +140,13 @@ def test_decoder_only_keeps_encoder_weights(tiny):
     assert prefixes == ("encoder.", "bottleneck.")
     old = tiny.state_dict()
     changed_decoder = False
-    for k, v in res.model.state_dict().items():
+    for k, v in res.trained.state_dict().items():
         if k.startswith(prefixes):
             assert torch.equal(v, old[k]), f"encoder weight {k} changed"
         elif not torch.equal(v, old[k]):
             changed_decoder = True
     assert changed_decoder
-    assert all(p.requires_grad for p in res.model.parameters())  # handed back ready for training
+    assert all(p.requires_grad for p in res.trained.parameters())  # handed back ready for training
 
 
 @pytest.mark.parametrize("name", ["unet", "vnet", "r2unet", "resunetpp", "doubleunet", "multiresunet"])
@@ -199,3 +199,133 @@ def test_replay_tiles_join_the_batch_and_card_records_the_round(tiny):
     assert card.corrections["rounds"][-1]["steps"] == 2
     card2 = res.card(card)  # a second round on the unsaved model: lineage and both rounds kept
     assert card2.parent == "nuclei" and len(card2.corrections["rounds"]) == 2
+
+
+# --------------------------------------------------------------------------- the safe round
+class DarknessModel(torch.nn.Module):
+    """A model that already segments the toy images well (dark pixels are nuclei), so a round can
+    only keep it about as good or make it worse."""
+    registry_name = "darkness"
+    config = {"in_channels": 3, "num_classes": 1}
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 2, 3, padding=1)
+        self.b = torch.nn.Conv2d(2, 1, 1)
+        with torch.no_grad():
+            self.a.weight.zero_()
+            self.a.weight[:, :, 1, 1] = -1.0
+            self.a.bias.fill_(0.5)
+            self.b.weight.fill_(4.0)
+            self.b.bias.fill_(-2.0)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def toy_card(**fields):
+    return ModelCard(architecture="unet", model_kwargs={}, task="nuclei", tile_size=TILE,
+                     instance_params={"min_size": 5, "threshold": 0.5}, **fields)
+
+
+def nuclei_grid(size: int = 64):
+    """Well separated disks in a grid (so the check part can be cut between them)."""
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    k = 0
+    for cy in range(8, size, 16):
+        for cx in range(8, size, 16):
+            k += 1
+            labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = k
+    image = np.full((size, size, 3), (230, 170, 200), np.uint8)
+    image[labels > 0] = (90, 40, 130)
+    return image, labels
+
+
+def test_split_check_holds_back_the_far_end_between_objects():
+    from src_models.finetune_check import split_check
+    _, labels = nuclei_grid()
+    valid = np.zeros(labels.shape, bool)
+    valid[:, :40] = True                        # taller than wide: the check part is at the bottom
+    check = split_check(valid, labels, 0.25)
+    assert check.any() and not (check & ~valid).any()
+    rows = np.flatnonzero(check.any(axis=1))
+    assert rows.max() == 63 and 0.15 <= check.sum() / valid.sum() <= 0.35
+    # the cut crosses no object: every object is wholly on one side
+    for i in np.unique(labels[valid & (labels > 0)]):
+        inside = check[(labels == i) & valid]
+        assert inside.all() or not inside.any()
+    one = np.zeros_like(labels)
+    one[10:20, 10:20] = 1
+    assert not split_check(valid, one, 0.25).any()   # one object: nothing can be held back
+
+
+def test_a_round_that_makes_the_check_set_worse_is_rolled_back():
+    image, labels = nuclei_grid()
+    model = DarknessModel().eval()
+    before = weights(model)
+    res = finetune(model, image, labels, steps=6, lr=50.0, tile_size=TILE, card=toy_card(),
+                   replay=[nuclei_grid()])
+    assert res.check_before.matched == res.check_before.objects > 0
+    assert res.check_after.score < res.check_before.score
+    assert not res.kept and res.model is model and res.reason.startswith("rolled back")
+    assert res.trained is not model
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert f"{res.check_before.matched} of {res.check_before.objects} before" in res.summary
+    assert "kept the previous model" in res.summary
+    card = res.card(toy_card(), parent="toy")
+    last = card.corrections["rounds"][-1]
+    assert last["round"] == 1 and last["kept"] is False and last["reason"] == res.reason
+    assert last["check"]["before"]["score"] > last["check"]["after"]["score"]
+    assert card.instance_params == toy_card().instance_params   # rolled back: settings unchanged
+
+
+def test_a_good_round_is_kept_and_recorded_in_the_card():
+    image, labels = nuclei_grid()
+    model = DarknessModel().eval()
+    res = finetune(model, image, labels, steps=3, lr=1e-3, tile_size=TILE, card=toy_card(),
+                   replay=[nuclei_grid()])
+    assert res.kept and res.model is res.trained and res.check_source == "held back"
+    assert res.check_after.score >= res.check_before.score
+    assert res.replay_before is not None and res.replay_after is not None
+    assert res.summary.startswith("objects matching your held-back corrections: ")
+    card = res.card(toy_card(), parent="toy")
+    rnd = card.corrections["rounds"][-1]
+    assert rnd["round"] == 1 and rnd["kept"] is True
+    assert rnd["check"]["after"]["objects"] == res.check_after.objects
+    assert card.instance_params == res.instance_params
+    card2 = FinetuneResult.card(res, card)
+    assert [r["round"] for r in card2.corrections["rounds"]] == [1, 2]
+
+
+def test_the_check_set_is_never_trained_on():
+    from src_models.finetune_check import split_check
+    image, labels = nuclei_grid()
+    check = split_check(np.ones(labels.shape, bool), labels, 0.25)
+    # different labels only in the last rows of the check part (beyond where the cut is chosen)
+    other = labels.copy()
+    other[58:, :] = 0
+    other[60:63, 20:40] = 77
+    np.testing.assert_array_equal(split_check(np.ones(labels.shape, bool), other, 0.25), check)
+    assert (other != labels)[check].any() and not (other != labels)[~check].any()
+    a = finetune(DarknessModel(), image, labels, steps=3, lr=1e-2, tile_size=TILE, card=toy_card())
+    b = finetune(DarknessModel(), image, other, steps=3, lr=1e-2, tile_size=TILE, card=toy_card())
+    assert a.corrections["held_back_pixels"] == int(check.sum())
+    for (k, v), (_, w) in zip(a.trained.state_dict().items(), b.trained.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_postprocessing_is_rechosen_on_the_trained_on_corrections():
+    from src_models.finetune_check import choose_postprocessing
+    from src_models.instances import InstanceParams
+    _, labels = nuclei_grid()
+    prob = np.where(labels > 0, 0.45, 0.05).astype(np.float32)   # calibrated low: 0.5 finds nothing
+    part = np.ones(labels.shape, bool)
+    box = (slice(0, 64), slice(0, 64))
+    start = InstanceParams(mode="nuclei", threshold=0.5, min_size=5)
+    best, score = choose_postprocessing(prob, box, labels, part, None, start, 5)
+    assert best.threshold < 0.45 and score > 0.9
+    # already the best: nothing moves
+    same, _ = choose_postprocessing(np.where(labels > 0, 0.9, 0.05), box, labels, part, None, start, 5)
+    assert same == start
