@@ -15,6 +15,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -38,6 +39,10 @@ ENCODER_PREFIXES: dict[str, tuple[str, ...]] = {
     "doubleunet": ("encoder1.", "bridge1.", "encoder2.", "bridge2."),
 }
 _GENERIC_ENCODER_PREFIXES = ("encoder", "bottleneck", "bridge", "stem")
+# Crop side of a round: a 512-tile glands model trains ~4x faster on 256-pixel crops, and on
+# GlaS validation images they generalised better to the unseen half than 512-pixel crops
+# (benchmarks/results/finetune_diagnosis.md).
+DEFAULT_CROP = 256
 
 
 def encoder_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -229,6 +234,27 @@ def replay_from_card(card, data_root, max_images: int = 4, seed: int = 0) -> lis
     return load_samples(data_root, pick)
 
 
+REPLAY_CROPS_DIR = Path(__file__).parent / "replay_crops"
+
+
+def bundled_replay(card) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The shipped crops (src_models/replay_crops/, `scripts/make_replay_crops.py`) of this card's
+    own training images: those of its task whose image name its data_split["train"] lists. A model
+    trained on other data gets none (replaying someone else's data would check the wrong thing)."""
+    from .data import read_image
+    task = getattr(card, "task", None)
+    train = set((getattr(card, "data_split", None) or {}).get("train", []))
+    out = []
+    for path in sorted(REPLAY_CROPS_DIR.glob(f"{task}__*.png")):
+        name = path.stem.split("__", 1)[1]
+        if name.endswith("_mask") or name not in train:
+            continue
+        mask_path = path.with_name(f"{path.stem}_mask.png")
+        if mask_path.exists():
+            out.append((read_image(path)[..., :3], read_image(mask_path).astype(np.int32)))
+    return out
+
+
 def _freeze_batchnorm(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -238,7 +264,7 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- the round
 def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=None, steps: int = 30,
              lr: float = 3e-4, train: str = "all", tile_size: int | None = None, card=None,
-             replay=None, progress: Callable[[int, int, float], None] | None = None,
+             replay="auto", progress: Callable[[int, int, float], None] | None = None,
              cancel: Callable[[], bool] | None = None, seed: int = 0, batch_size: int = 2,
              replay_per_batch: int = 1, weight_decay: float = 1e-4,
              max_seconds: float | None = None, gap_weight: float | None = None,
@@ -252,10 +278,11 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     (0 = background; class ids for multi-class models); region: None (all of the image), an (H, W)
     boolean mask or a (y0, y1, x0, x1) box: only labels there count (the loss ignores other pixels).
     train: "all" or "decoder" (encoder frozen, see `encoder_prefixes`). tile_size: crop side, by
-    default the card's tile size (256 without a card). card: the model's ModelCard (normalisation,
+    default the card's tile size up to DEFAULT_CROP (256). card: the model's ModelCard (normalisation,
     tile size, post-processing). replay: training samples of the model ((image, mask) pairs or
     data.Sample) of which `replay_per_batch` crops join every batch, and fixed crops of which check
-    the round. progress(step, steps, loss) after every step; cancel() is checked before every step
+    the round; "auto" (default): the crops of the card's training images that ship with the package
+    (`bundled_replay`); None: none. progress(step, steps, loss) after every step; cancel() is checked before every step
     and ends the round with the old model kept; max_seconds stops training once that much time has
     passed (a predictable round in the GUI; the check still runs).
     gap_weight: loss weight on background gaps between touching objects (`touching_gap_weights`),
@@ -290,16 +317,21 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     cfg = getattr(model, "config", {})
     in_channels, num_classes = int(cfg.get("in_channels", 3)), int(cfg.get("num_classes", 1))
     normalization = getattr(card, "normalization", None) or DEFAULT_NORMALIZATION
-    tile = int(tile_size or getattr(card, "tile_size", None) or 256)
+    tile = int(tile_size or min(int(getattr(card, "tile_size", None) or DEFAULT_CROP), DEFAULT_CROP))
     trained = getattr(card, "training", None) or {}
     gap = float(trained.get("gap_weight", 1.0) if gap_weight is None else gap_weight)
     gap_radius = int(trained.get("gap_radius", 6))
     # Labels outside the trained-on part are zeroed before any target or weight is made from them.
     sampler = CorrectionSampler(image, np.where(train_valid, labels, 0), train_valid, tile, in_channels,
                                 num_classes, normalization, gap, gap_radius)
-    replay = list(replay) if replay else []
-    replayer = (ReplaySampler(replay, sampler.crop, in_channels, num_classes, normalization, gap,
-                              gap_radius) if replay else None)
+    if isinstance(replay, str):
+        if replay != "auto":
+            raise ValueError(f"replay must be 'auto', None or a list of samples, got {replay!r}")
+        replay = bundled_replay(card) if card is not None else []
+    replay = [(s.image, s.mask) if hasattr(s, "image") else tuple(s) for s in (replay or [])]
+    fits = [s for s in replay if s[1].shape[0] >= sampler.crop[0] and s[1].shape[1] >= sampler.crop[1]]
+    replayer = (ReplaySampler(fits, sampler.crop, in_channels, num_classes, normalization, gap,
+                              gap_radius) if fits else None)
 
     new = copy.deepcopy(model)
     dev = next(new.parameters()).device

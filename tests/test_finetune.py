@@ -329,3 +329,16 @@ def test_postprocessing_is_rechosen_on_the_trained_on_corrections():
     # already the best: nothing moves
     same, _ = choose_postprocessing(np.where(labels > 0, 0.9, 0.05), box, labels, part, None, start, 5)
     assert same == start
+
+
+def test_bundled_replay_crops_are_the_cards_own_training_images():
+    from src_models.finetune import REPLAY_CROPS_DIR, bundled_replay
+    shipped = sorted(p.stem.split("__")[1] for p in REPLAY_CROPS_DIR.glob("nuclei__*.png")
+                     if not p.stem.endswith("_mask"))
+    assert shipped
+    card = toy_card(data_split={"train": shipped[:2], "validation": shipped[2:]})
+    crops = bundled_replay(card)
+    assert len(crops) == 2
+    image, mask = crops[0]
+    assert image.shape == mask.shape + (3,) and image.dtype == np.uint8 and mask.max() > 0
+    assert bundled_replay(toy_card(data_split={"train": ["someone_else"]})) == []
