@@ -390,7 +390,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
                             corrections=corrections, stopped=stopped, trained=new)
     if stopped == "cancelled" or steps_done == 0:
         why = "cancelled" if stopped == "cancelled" else f"no training step finished ({stopped})"
-        _decide(result, model, False, f"{why}: the previous model is kept")
+        _decide(result, model, False, f"{why}, nothing was checked")
     else:
         _check_round(result, model, new, image, labels, train_valid, check, card, replay,
                      tile, replay_tolerance, rechoose_postprocessing, device)
@@ -407,14 +407,15 @@ def _decide(result: FinetuneResult, old: nn.Module, kept: bool, reason: str) -> 
 
 
 def _summary(r: FinetuneResult) -> str:
-    """The user's view of the round: held-back objects matched before -> after, and the decision."""
-    parts = []
+    """The user's view of the round: held-back objects matched before -> after, and the decision,
+    e.g. "Objects matching your held-back corrections: 12 of 20 before, 18 of 20 after. Kept the
+    fine-tuned model: at least as good on your held-back corrections (AJI 0.512 -> 0.561)." """
+    text = ""
     if r.check_before is not None and r.check_after is not None:
         which = "your held-back corrections" if r.check_source == "held back" else "your corrections"
-        parts.append(f"objects matching {which}: {r.check_before.matched} of {r.check_before.objects} "
-                     f"before, {r.check_after.matched} of {r.check_after.objects} after")
-    parts.append(("kept the fine-tuned model" if r.kept else "kept the previous model") + f" ({r.reason})")
-    return "; ".join(parts) + "."
+        text = (f"Objects matching {which}: {r.check_before.matched} of {r.check_before.objects} "
+                f"before, {r.check_after.matched} of {r.check_after.objects} after. ")
+    return text + ("Kept the fine-tuned model: " if r.kept else "Kept the previous model: ") + r.reason + "."
 
 
 def _score_text(before: RegionScore, after: RegionScore) -> str:
@@ -452,11 +453,11 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
         "instance_params": result.instance_params})
     b, a = result.check_before, result.check_after
     if a.score < b.score:
-        _decide(result, old, False, f"rolled back: worse on {'the held-back part of ' if check.any() else ''}"
+        _decide(result, old, False, f"rolled back, worse on {'the held-back part of ' if check.any() else ''}"
                                     f"your corrections ({_score_text(b, a)})")
     elif result.replay_before is not None and \
             result.replay_after.score < result.replay_before.score - tolerance:
-        _decide(result, old, False, f"rolled back: worse on the model's training data "
+        _decide(result, old, False, f"rolled back, worse on the model's training data "
                                     f"({_score_text(result.replay_before, result.replay_after)})")
     else:
         note = "" if result.replay_before is not None else "; no training data to check forgetting"

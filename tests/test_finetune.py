@@ -273,7 +273,7 @@ def test_a_round_that_makes_the_check_set_worse_is_rolled_back():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     assert f"{res.check_before.matched} of {res.check_before.objects} before" in res.summary
-    assert "kept the previous model" in res.summary
+    assert "Kept the previous model: rolled back, worse on the held-back part" in res.summary
     card = res.card(toy_card(), parent="toy")
     last = card.corrections["rounds"][-1]
     assert last["round"] == 1 and last["kept"] is False and last["reason"] == res.reason
@@ -289,7 +289,8 @@ def test_a_good_round_is_kept_and_recorded_in_the_card():
     assert res.kept and res.model is res.trained and res.check_source == "held back"
     assert res.check_after.score >= res.check_before.score
     assert res.replay_before is not None and res.replay_after is not None
-    assert res.summary.startswith("objects matching your held-back corrections: ")
+    assert res.summary.startswith("Objects matching your held-back corrections: ")
+    assert "Kept the fine-tuned model: at least as good" in res.summary
     card = res.card(toy_card(), parent="toy")
     rnd = card.corrections["rounds"][-1]
     assert rnd["round"] == 1 and rnd["kept"] is True
