@@ -68,8 +68,38 @@ def get_slide_reader(path):
         if len(path) != 1:
             return None
         path = path[0]
+    if str(path).rstrip("/").lower().endswith(".ome.zarr"):
+        return read_label_pyramid if _is_label_pyramid(path) else None
     from src_models.slide.reader import is_slide
     return read_slide if is_slide(path) else None
+
+
+def _is_label_pyramid(path) -> bool:
+    try:
+        import zarr
+        return bool(zarr.open_group(str(path), mode="r").attrs.get("labels"))
+    except Exception:
+        return False
+
+
+def read_label_pyramid(path):
+    """An OME-Zarr label pyramid (as `napari-dca segment` writes for slides) as a multiscale
+    Labels layer with the pyramid's µm scale: it lands on its slide's layer, aligned."""
+    import zarr
+    path = path[0] if isinstance(path, list) else path
+    root = zarr.open_group(str(path), mode="r")
+    layers = []
+    for name in root.attrs["labels"]:
+        group = root["labels"][name]
+        meta = group.attrs["multiscales"][0]
+        import dask.array as da
+        levels = [da.from_zarr(group[d["path"]]) for d in meta["datasets"]]
+        scale = meta["datasets"][0]["coordinateTransformations"][0]["scale"]
+        layers.append((levels if len(levels) > 1 else levels[0],
+                       {"name": f"{Path(path).name} {name}", "multiscale": len(levels) > 1,
+                        "scale": tuple(scale), "metadata": {"napari_dca": {"task": name}}},
+                       "labels"))
+    return layers
 
 
 def read_slide(path):

@@ -154,3 +154,13 @@ def test_tissue_detection_off_segments_every_chunk(small_slide, tmp_path):
     result = run(small_slide[0], tmp_path, tissue=False, geojson=False, table=False)
     assert result.chunks_segmented == result.chunks and result.tissue_fraction == 1.0
     assert result.geojson is None and result.table is None
+
+
+def test_napari_opens_the_label_pyramid_aligned_with_its_slide(finished, small_slide):
+    from napari_dca._reader import get_slide_reader, read_label_pyramid
+    result, out = finished
+    path = output_paths(small_slide[0], out)["labels"]
+    assert get_slide_reader(str(path)) is read_label_pyramid
+    [(levels, kwargs, kind)] = read_label_pyramid(str(path))
+    assert kind == "labels" and kwargs["multiscale"] and kwargs["scale"] == (0.5, 0.5)
+    assert levels[0].shape == (1024, 1536) and int(levels[0].max()) == result.n_objects
