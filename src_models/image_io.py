@@ -90,7 +90,10 @@ def tiff_info(path: str | Path) -> dict[str, Any]:
         info = {"shape": shape, "dtype": dtype, "axes": series.axes,
                 "nbytes": int(np.prod(shape, dtype=np.float64) * dtype.itemsize),
                 "bits": int(np.max(page.bitspersample)) if page.bitspersample else None,
-                "max_sample": None}
+                "max_sample": None,
+                # planar colour: samples stored as separate (S, H, W) planes
+                "planar_rgb": (int(page.planarconfig) == int(tifffile.PLANARCONFIG.SEPARATE)
+                               and int(page.photometric) == int(tifffile.PHOTOMETRIC.RGB))}
         for name in ("SMaxSampleValue", "MaxSampleValue"):
             tag = tags.get(name)
             if tag is not None:
@@ -122,7 +125,7 @@ def _read_tiff(path: Path, lazy: bool | None) -> Any:
     info = tiff_info(path)
     if lazy is None:
         lazy = info["nbytes"] >= LAZY_BYTES
-    planar = info["axes"].endswith("SYX") and info["shape"][-3] in (3, 4)
+    planar = info["planar_rgb"] and info["axes"].endswith("SYX") and info["shape"][-3] in (3, 4)
     if lazy:
         image = open_tiff_lazy(path)
         return ChannelsLast(image) if planar else image

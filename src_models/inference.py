@@ -163,7 +163,7 @@ def intensity_range(image: Any, band_rows: int = 1024) -> tuple[float, float] | 
         return lo, hi
     dtype_bits = dtype.itemsize * 8 - (1 if np.issubdtype(dtype, np.signedinteger) else 0)
     bits = max(8, int(hi).bit_length())
-    if bits >= dtype_bits:
+    if bits >= dtype_bits or hi <= 0:  # an all-zero image needs no scaling (and no warning)
         return None
     warnings.warn(f"{dtype.itemsize * 8}-bit pixels use only {bits} bits (max {hi:g}): scaled as "
                   f"{bits}-bit data", RuntimeWarning, stacklevel=3)
@@ -543,10 +543,12 @@ def _read_tile(image: Any, layout: ImageLayout, z: int, y: int, x: int, tile: in
 def _prepare_tile(block: np.ndarray, in_channels: int, normalization, scale) -> np.ndarray:
     if scale is not None:
         lo, hi = scale
-        block = block.astype(np.float32)
+        # float64 where float32 would overflow (values beyond ~3e38)
+        wide = block.dtype == np.float64 or max(abs(lo), abs(hi)) > 1e38
+        block = block.astype(np.float64 if wide else np.float32)
         if not np.isfinite(block).all():  # NaN -> lo, inf -> hi (intensity_range warned)
             block = np.nan_to_num(block, nan=lo, posinf=hi, neginf=lo)
-        block = np.clip((block - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+        block = np.clip((block - lo) / max(hi - lo, 1e-300), 0.0, 1.0).astype(np.float32)
     return prepare(block, in_channels, normalization)
 
 

@@ -128,3 +128,18 @@ def test_as_float01_keeps_nan_inf_and_negative_values_in_range():
     assert np.isfinite(out).all() and out.min() == 0.0 and out.max() == 1.0
     signed = as_float01(np.array([[-100, 0], [50, 100]], np.int16))
     assert signed.min() == 0.0 and signed.max() == 1.0
+
+
+def test_float64_beyond_float32_range_is_scaled_not_overflowed():
+    rng = np.random.default_rng(3)
+    img = rng.random((40, 40, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # no overflow warnings either
+        huge = predict(Pointwise(), img * 1e300, tile_size=32)
+    np.testing.assert_allclose(huge, predict(Pointwise(), img, tile_size=32), atol=2e-2)
+
+
+def test_a_grayscale_three_page_stack_stays_a_stack(tmp_path):
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, np.zeros((3, 20, 30), np.uint8), photometric="minisblack")
+    assert read_image(path).shape == (3, 20, 30)
