@@ -73,8 +73,12 @@ def check_options(args) -> dict:
         raise ValueError("--model-kwargs must be a JSON object such as '{\"patch_size\": 16}'")
     check_range("--width", args.width, 0.01, 4.0, "k = 0.5 is the paper's; 4 is already ~64x its size")
     kwargs = {"dca": not args.no_dca, "width": args.width} | extra
-    from src_models.card_schema import validate_model_kwargs
-    validate_model_kwargs(args.arch, kwargs)
+    from src_models.card_schema import CARD_HINT, CheckpointError, validate_model_kwargs
+    try:
+        validate_model_kwargs(args.arch, kwargs)
+    except CheckpointError as err:
+        message = str(err).replace("model card field 'model_kwargs.", "--model-kwargs field '")
+        raise ValueError(message.replace(CARD_HINT, "change --model-kwargs / --width")) from None
     args.tile = bounded_int("--tile", args.tile, 32, MAX_TILE,
                             "smaller tiles hold too little context; larger ones do not fit in memory")
     args.batch = bounded_int("--batch", args.batch, 1, 256, "it is a number of tiles per step")

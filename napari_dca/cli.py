@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Exceptions that mean "the user's input or options are wrong": one line, exit code 2.
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError)
+    # OSError: unreadable files, full disks, permissions - the environment, not a bug
+    return (ValueError, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,12 +41,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with a message saying why."""
 
 
-def _fail(field: str, what: str, value: Any) -> CheckpointError:
+CARD_HINT = "fix the card (the .json beside the weights, or the embedded copy) or re-save the model"
+
+
+def _fail(field: str, what: str, value: Any, hint: str = CARD_HINT) -> CheckpointError:
     shown = repr(value)
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    return CheckpointError(f"model card field {field!r} {what}, got {shown}; fix the card "
-                           f"(the .json beside the weights, or the embedded copy) or re-save the model")
+    return CheckpointError(f"model card field {field!r} {what}, got {shown}; {hint}")
 
 
 def _number(field: str, value: Any, kind: type, low: float | None, high: float | None) -> Any:

@@ -28,12 +28,9 @@ class Sample:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-        return tifffile.imread(str(path))
-    import imageio.v3 as iio
-    return iio.imread(str(path))
+    """The whole image (image_io.read_image: empty/truncated files named, planar RGB as RGB)."""
+    from .image_io import read_image as read_any
+    return np.asarray(read_any(path, lazy=False))
 
 
 def list_pairs(root: str | Path) -> dict[str, tuple[Path, Path]]:
