@@ -79,6 +79,10 @@ class TrainConfig:
     overwrite: bool = False                     # replace an existing checkpoint at `out`
 
 
+# A NaN/inf loss skips its step (float16 autocast can overflow once); this many in a row stop the run.
+MAX_NON_FINITE_STEPS = 3
+
+
 class TrainingDiverged(ValueError):
     """The loss or the weights became NaN/inf; the message says what was kept."""
 
@@ -292,6 +296,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     model.train()
     step = start
     stopped = "steps"
+    non_finite = 0  # consecutive steps with a NaN/inf loss
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.task}", unit="step", dynamic_ncols=True)
     last_val: dict = best_metrics
@@ -309,9 +314,13 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, enabled=use_amp):
             loss = dice_ce_loss(model(x).float(), y, pixel_weight=w)
-        if not torch.isfinite(loss):  # diverged: step no further, write nothing more
-            stopped = f"non-finite loss at step {step + 1}"
-            break
+        if not torch.isfinite(loss):  # skip this step; a few in a row mean the run diverged
+            non_finite += 1
+            if non_finite >= MAX_NON_FINITE_STEPS:
+                stopped = f"non-finite loss at step {step + 1}"
+                break
+            continue
+        non_finite = 0
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -150,3 +150,16 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(data, tmp_
         train_engine(base_cfg(data, fresh, lr=1e6, steps=40, val_every=39, warmup_steps=1))
     assert not fresh.exists()
     del before
+
+
+def test_one_non_finite_loss_skips_its_step_and_training_goes_on(data, tmp_path, monkeypatch):
+    import src_models.train as engine
+    real, calls = engine.dice_ce_loss, []
+
+    def once_nan(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 1 else loss
+    monkeypatch.setattr(engine, "dice_ce_loss", once_nan)
+    summary = engine.train(base_cfg(data, tmp_path / "m.safetensors"))
+    assert summary["stopped"] == "steps" and summary["steps"] == 2 and len(calls) == 3
