@@ -199,10 +199,19 @@ def _instance_params(value: Any) -> dict[str, Any]:
     return value
 
 
-def known_heads() -> tuple[str, ...]:
-    """The heads src_models can build targets and instances for (instances.HEADS)."""
-    from . import instances
-    return tuple(getattr(instances, "HEADS", ("binary",)))
+def known_heads() -> tuple[str, ...] | None:
+    """The heads src_models can build targets and instances for (the `HEADS` tuple the instances
+    work defines; looked up where it may live). None when no module defines it yet."""
+    import importlib
+    for name in ("instances", "heads", "targets", "losses", "checkpoints"):
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ImportError:
+            continue
+        heads = getattr(module, "HEADS", None)
+        if heads:
+            return tuple(heads)
+    return None
 
 
 def validate_card(d: Any, known_fields: set[str] | None = None) -> dict[str, Any]:
@@ -249,6 +258,6 @@ def validate_card(d: Any, known_fields: set[str] | None = None) -> dict[str, Any
         out["parent"] = _text("parent", d["parent"], optional=True)
     if "head" in d:
         heads = known_heads()
-        if d["head"] not in heads:
-            raise _fail("head", f"must be one of {list(heads)}", d["head"])
+        if not isinstance(d["head"], str) or len(d["head"]) > 64 or (heads and d["head"] not in heads):
+            raise _fail("head", f"must be one of {list(heads or ('binary',))}", d["head"])
     return out

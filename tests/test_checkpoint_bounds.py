@@ -57,7 +57,7 @@ def test_a_card_claiming_width_50_is_refused_before_building(tiny, tmp_path):
     ("metrics", {"validation": [1, 2]}, "metrics"), ("data_split", {"train": "a"}, "data_split.train"),
     ("corrections", "yes", "corrections"), ("instance_params", {"threshold": 7}, "instance_params.threshold"),
     ("instance_params", {"mode": "x"}, "instance_params.mode"), ("parent", 3, "parent"),
-    ("head", "no_such_head", "head"),
+    ("head", 7, "head"),
     ("model_kwargs", {"width": -1}, "model_kwargs.width"),
     ("model_kwargs", {"depth": 9}, "model_kwargs.depth"),
     ("model_kwargs", {"patch_size": 0}, "model_kwargs.patch_size"),
@@ -147,3 +147,13 @@ def test_official_pt_with_its_json_card_beside_it_works_from_segment(shared, tmp
     assert cli.main(["segment", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "-c", str(pt),
                      "--quiet", "--device", "cpu"]) == 0
     assert tifffile.imread(tmp_path / "out" / "x.png.labels.tif").shape == (40, 40)
+
+
+def test_the_head_field_is_checked_against_the_heads_src_models_defines(monkeypatch):
+    import src_models.instances as instances
+    from src_models.card_schema import validate_card
+    monkeypatch.setattr(instances, "HEADS", ("binary", "three_class"), raising=False)
+    base = {"architecture": "unet", "model_kwargs": {"width": 0.0625}}
+    assert validate_card({**base, "head": "three_class"})["head"] == "three_class"
+    with pytest.raises(CheckpointError, match="head.*three_class"):
+        validate_card({**base, "head": "no_such_head"})

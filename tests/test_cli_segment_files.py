@@ -177,7 +177,7 @@ def test_kill_9_mid_batch_leaves_only_complete_files_and_a_rerun_resumes(tiny_ch
     cmd = [sys.executable, str(script), "segment", str(inputs), "-o", str(out), "-c",
            str(tiny_checkpoint), "--quiet", "--device", "cpu", "--threads", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     # Kill while the third image's labels are being written (its partial file exists).
     while time.time() < deadline:
         partial = list(out.glob(".img2.png.labels.tif.*.partial")) if out.exists() else []
