@@ -11,6 +11,8 @@ import inspect
 import math
 from typing import Any, Mapping
 
+import numpy as np
+
 TASKS = ("nuclei", "glands", "semantic")
 MAX_CLASSES = 256
 MAX_TILE_SIZE = 4096
@@ -100,7 +102,7 @@ def _plain_json(field: str, value: Any, depth: int = 0) -> None:
             _plain_json(field, item, depth + 1)
     elif isinstance(value, str):
         _text(field, value)
-    elif not (value is None or isinstance(value, (bool, int, float))):
+    elif not (value is None or isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating))):
         raise _fail(field, "must hold only JSON values", value)
 
 
@@ -178,7 +180,8 @@ def _metrics(value: Any) -> dict[str, Any]:
         if isinstance(item, Mapping):
             for k, v in item.items():
                 leaves(f"{field}.{k}", v)
-        elif not (item is None or isinstance(item, (bool, int, float, str))):
+        elif not (item is None or isinstance(item, (bool, int, float, str, np.bool_, np.integer,
+                                                     np.floating))):
             raise _fail(field, "must hold numbers (or objects of numbers)", item)
     leaves("metrics", value)
     return value

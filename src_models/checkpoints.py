@@ -123,6 +123,16 @@ def non_finite_weights(state: dict[str, torch.Tensor]) -> list[str]:
             if v.is_floating_point() and v.device.type != "meta" and not bool(torch.isfinite(v).all())]
 
 
+def _json_value(value: Any) -> Any:
+    """numpy scalars and arrays as JSON numbers and lists; anything else as its text."""
+    import numpy as np
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
 def save_checkpoint(model: nn.Module, path: str | Path, card: ModelCard | dict,
                     overwrite: bool = True) -> Path:
     """Write the .safetensors (card embedded) and the .json card beside it, each atomically.
@@ -133,7 +143,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, card: ModelCard | dict,
 
     card = ModelCard.from_dict(card.to_dict() if isinstance(card, ModelCard) else card)
     path = checkpoint_path(path)
-    card_json = json.dumps(card.to_dict(), indent=1, sort_keys=True, default=str)
+    card_json = json.dumps(card.to_dict(), indent=1, sort_keys=True, default=_json_value)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     bad = non_finite_weights(state)
     if bad:

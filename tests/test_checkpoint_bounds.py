@@ -157,3 +157,12 @@ def test_the_head_field_is_checked_against_the_heads_src_models_defines(monkeypa
     assert validate_card({**base, "head": "three_class"})["head"] == "three_class"
     with pytest.raises(CheckpointError, match="head.*three_class"):
         validate_card({**base, "head": "no_such_head"})
+
+
+def test_numpy_numbers_in_a_card_are_saved_as_numbers(tiny, tmp_path):
+    card = card_for(tiny, corrections={"objects": np.int64(3), "score": np.float32(0.5)},
+                    metrics={"validation": {"dice": np.float32(0.25)}})
+    path = save_checkpoint(tiny, tmp_path / "m.safetensors", card)
+    _, loaded = load_checkpoint(path)
+    assert loaded.corrections == {"objects": 3, "score": 0.5}
+    assert loaded.metrics["validation"]["dice"] == 0.25
