@@ -61,11 +61,13 @@ def split_check(valid: np.ndarray, labels: np.ndarray, fraction: float = 0.25,
 @dataclass
 class RegionScore:
     """One model's result on a set of corrected objects: `matched` of `objects` corrected objects
-    have a predicted object with IoU > 0.5; `score` is the task's object score (higher is better)."""
+    have a predicted object with IoU > 0.5; `score` is the task's object score (higher is better);
+    `dice` the pixel Dice of foreground."""
     matched: int
     objects: int
     score: float
     metric: str
+    dice: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,7 +90,8 @@ def compare_labels(gt: np.ndarray, pred: np.ndarray, task: str, min_size: int = 
     else:
         score = M.dice(gt, pred)
     pq = M.panoptic_quality(gt, pred)
-    return RegionScore(matched=pq.tp, objects=int(gt.max()), score=float(score), metric=metric)
+    return RegionScore(matched=pq.tp, objects=int(gt.max()), score=float(score), metric=metric,
+                       dice=float(M.dice(gt > 0, pred > 0)))
 
 
 def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -135,7 +138,7 @@ def replay_crops(samples: Sequence, size: int, count: int = 2, seed: int = 0) ->
 
 def score_replay(model, crops: Sequence[tuple], card, params: InstanceParams, min_size: int,
                  device="cpu") -> RegionScore | None:
-    """The model on the replay crops: matched/objects summed, score averaged. None without crops."""
+    """The model on the replay crops: matched/objects summed, scores averaged. None without crops."""
     if not crops:
         return None
     scores = []
@@ -143,7 +146,8 @@ def score_replay(model, crops: Sequence[tuple], card, params: InstanceParams, mi
         prob = predict(model, image, card, device=device)
         scores.append(compare_labels(mask, labels_in(prob, card, params), params.mode, min_size))
     return RegionScore(matched=sum(s.matched for s in scores), objects=sum(s.objects for s in scores),
-                       score=float(np.mean([s.score for s in scores])), metric=scores[0].metric)
+                       score=float(np.mean([s.score for s in scores])), metric=scores[0].metric,
+                       dice=float(np.mean([s.dice for s in scores])))
 
 
 # --------------------------------------------------------------------------- post-processing

@@ -75,6 +75,7 @@ def test_cancel_returns_usable_model_with_fewer_steps(tiny):
 
     res = finetune(tiny, image, labels, steps=20, tile_size=TILE, cancel=cancel)
     assert res.cancelled and res.steps_done == 3 < 20
+    assert not res.kept and res.model is tiny and res.reason.startswith("cancelled")
     assert res.corrections["steps"] == 3
     with torch.no_grad():
         out = res.model(torch.zeros(1, 3, 48, 48))
