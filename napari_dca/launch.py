@@ -44,9 +44,13 @@ def open_viewer(checkpoint: str = "nuclei", sample: str = "nuclei", device: str 
         viewer = napari.Viewer(title="napari-dca", show=show)
     widgets, docks = {}, {}
     for i, name in enumerate(WIDGETS):
-        docks[name], widgets[name] = viewer.window.add_plugin_dock_widget("napari-dca", name, tabify=i >= 2)
+        # one tabbed dock: four stacked docks would squeeze the canvas and the window's height
+        docks[name], widgets[name] = viewer.window.add_plugin_dock_widget("napari-dca", name,
+                                                                          tabify=i >= 1)
+    arrange_window(viewer, list(docks.values()))
     from qtpy.QtCore import QTimer
     QTimer.singleShot(0, docks["Segment"].raise_)  # once docking settles: the tab needed first
+    QTimer.singleShot(0, lambda: arrange_window(viewer, list(docks.values())))
     if sample != "none":
         viewer.open_sample("napari-dca", sample)
     model = widgets["Model"]
@@ -65,6 +69,37 @@ def open_viewer(checkpoint: str = "nuclei", sample: str = "nuclei", device: str 
         model.select_checkpoint(NEW_MODEL)
     model.load()
     return viewer, widgets
+
+
+def arrange_window(viewer, docks, width_fraction: float = 0.99, height_fraction: float = 0.95) -> None:
+    """Fits the main window on its screen and keeps the docks narrow, so that the canvas has most
+    of the width (at least 60% at 1600 x 1000 and 1920 x 1080)."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QApplication
+
+    from napari_dca._widgets._layout import DOCK_MIN_WIDTH
+
+    window = getattr(viewer.window, "_qt_window", None)
+    if window is None:
+        return
+    screen = window.screen() if hasattr(window, "screen") else None
+    screen = screen or QApplication.primaryScreen()
+    width = window.width()
+    if screen is not None:
+        area = screen.availableGeometry()
+        width = int(area.width() * width_fraction)
+        height = int(area.height() * height_fraction)
+        window.resize(width, height)
+        window.move(area.x() + (area.width() - width) // 2, area.y() + (area.height() - height) // 2)
+    if docks:
+        # napari's layer controls need ~340 px on the left; ours get about a sixth of the window
+        dock_width = max(DOCK_MIN_WIDTH, min(380, int(width * 0.155)))
+        window.resizeDocks(docks, [dock_width] * len(docks), Qt.Horizontal)
+    qt_viewer = getattr(viewer.window, "_qt_viewer", None)
+    left = [d for d in (getattr(qt_viewer, "dockLayerList", None),
+                        getattr(qt_viewer, "dockLayerControls", None)) if d is not None]
+    if left:
+        window.resizeDocks(left, [230] * len(left), Qt.Horizontal)
 
 
 def _screenshot_when_loaded(viewer, widgets, path: str, timeout_s: float = 120.0) -> None:

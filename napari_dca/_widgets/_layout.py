@@ -5,7 +5,7 @@ from __future__ import annotations
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 
-DOCK_MIN_WIDTH = 260   # narrow enough that the canvas keeps most of a 1600 px window
+DOCK_MIN_WIDTH = 240   # narrow enough that the canvas keeps 60% of a 1600 px window
 DOCK_WIDTH = 340       # what launch gives the dock area
 
 

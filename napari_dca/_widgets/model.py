@@ -12,7 +12,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBo
 from ._common import alive, available_devices, resolve_device, show_error, show_info
 from ._jobs import JobPanel
 from ._layout import scrolling
-from ._state import add_recent_checkpoint, get_state, recent_checkpoints, remember
+from ._state import add_recent_checkpoint, get_state, recent_checkpoints, remember, remembered
 
 NEW_MODEL = "__new__"
 
@@ -75,7 +75,10 @@ class ModelWidget(QWidget):
         scrolling(self, layout)
         self._device_shown = self.device.currentIndex()
 
-        self._fill_checkpoints()
+        self._fill_checkpoints(select=remembered("model/checkpoint", "") or None)
+        device_idx = self.device.findData(remembered("model/device", "auto"))
+        if device_idx >= 0:
+            self.device.setCurrentIndex(device_idx)
         self.checkpoint.currentIndexChanged.connect(self._on_checkpoint_choice)
         self.browse.clicked.connect(self._on_browse)
         self.load_button.clicked.connect(self.load)

@@ -8,6 +8,7 @@ and the summary line says which.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import napari
@@ -29,6 +30,8 @@ from ._layout import scrolling
 from ._state import get_state, remember, remembered
 
 TASKS = ("nuclei", "glands", "semantic")
+SEGMENT_KEY = "Alt+S"   # free in napari 0.9 (its menus use Alt+F/V/L/P/W/H)
+OVERLAY_KEY = "Alt+O"   # show / hide this plugin's layers of the selected image
 
 
 @dataclass(eq=False)
@@ -193,7 +196,7 @@ class SegmentWidget(QWidget):
         self.visible_only.setToolTip("Segments what the canvas shows; an earlier result of the "
                                      "whole image is kept outside that region")
         self.run_button = QPushButton("Segment")
-        self.run_button.setToolTip("Segment the chosen image with the current model (Shift+S)")
+        self.run_button.setToolTip(f"Segment the chosen image with the current model ({SEGMENT_KEY})")
         self.jobs = JobPanel(state=self.state, unit="tile")
         self.summary = QLabel("")
         self.summary.setWordWrap(True)
@@ -235,6 +238,69 @@ class SegmentWidget(QWidget):
         self.destroyed.connect(lambda *_: self._disconnect())
         self._on_model()
         self._on_busy()
+        self._add_shortcuts()
+
+    def _add_shortcuts(self) -> None:
+        """Segment and overlay toggling from the keyboard, anywhere in the viewer's window."""
+        from qtpy.QtCore import Qt
+        from qtpy.QtGui import QKeySequence
+        from qtpy.QtWidgets import QShortcut
+
+        viewer = getattr(self.viewer, "__wrapped__", self.viewer)  # napari hands plugins a proxy
+        window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+        if window is None:
+            return
+        self.shortcuts = []
+        for key, slot in ((SEGMENT_KEY, self._segment_key), (OVERLAY_KEY, self.toggle_overlays)):
+            shortcut = QShortcut(QKeySequence(key), window)
+            shortcut.setContext(Qt.WindowShortcut)
+            shortcut.activated.connect(slot)
+            self.shortcuts.append(shortcut)
+        # With the canvas focused, napari takes the keys itself (its keymap): bind them there too.
+        me = weakref.ref(self)
+
+        def bound(method):
+            def press(viewer):  # napari passes the viewer by this name
+                widget = me()
+                if widget is not None and alive(widget):
+                    getattr(widget, method)()
+            return press
+        self._keys = {}
+        for key, method in ((SEGMENT_KEY, "_segment_key"), (OVERLAY_KEY, "toggle_overlays")):
+            napari_key = key.replace("+", "-")
+            try:
+                viewer.bind_key(napari_key, bound(method), overwrite=True)
+                self._keys[napari_key] = viewer
+            except Exception:  # an older / newer keymap API: the Qt shortcut still works
+                pass
+        self.destroyed.connect(lambda *_: self._unbind_keys())
+
+    def _unbind_keys(self) -> None:
+        for shortcut in getattr(self, "shortcuts", []):
+            if alive(shortcut):
+                shortcut.setEnabled(False)
+        for key, viewer in getattr(self, "_keys", {}).items():
+            try:
+                viewer.bind_key(key, None, overwrite=True)
+            except Exception:
+                pass
+
+    def _segment_key(self) -> None:
+        if alive(self) and self.run_button.isEnabled():
+            self.run()
+
+    def toggle_overlays(self) -> None:
+        """Shows / hides the plugin's result layers of the selected image (labels, probability)."""
+        layer = self.image.layer() if alive(self) else None
+        if layer is None:
+            return
+        key = image_key(layer)
+        mine = [l for l in self.viewer.layers if owner(l).get("source") == key
+                and owner(l).get("role") in ("instances", "probabilities", "changes")]
+        if mine:
+            visible = not any(l.visible for l in mine)
+            for l in mine:
+                l.visible = visible
 
     def _disconnect(self):
         for signal, slot in self._connections:

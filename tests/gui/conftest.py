@@ -186,9 +186,3 @@ def fit(viewer, qtbot) -> None:
     viewer.reset_view()
     settle(qtbot, 50)
 
-
-def labels_layers_holding(viewer, mask: np.ndarray, value: int) -> list:
-    """Labels layers (of the image's shape) whose pixels under `mask` all equal `value`."""
-    from napari.layers import Labels
-    return [layer for layer in viewer.layers if isinstance(layer, Labels)
-            and layer.data.shape == mask.shape and np.all(layer.data[mask] == value)]

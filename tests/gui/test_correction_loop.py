@@ -6,7 +6,7 @@ import torch  # noqa: F401  (before Qt)
 import numpy as np
 import pytest
 
-from conftest import drag, errors, fit, labels_layers_holding, paint, settle, shown_viewer
+from conftest import drag, errors, fit, paint, settle, shown_viewer
 
 pytestmark = pytest.mark.gui
 
@@ -369,3 +369,16 @@ def test_14_settings_are_remembered(make_napari_viewer):
     ft2, seg2 = FinetuneWidget(viewer), SegmentWidget(viewer)
     assert ft2.steps.value() == 7 and ft2.lr.value() == pytest.approx(0.002)
     assert seg2.min_size.value() == 12
+
+
+def test_14_the_last_checkpoint_and_device_are_remembered(make_napari_viewer, wait_for,
+                                                          trained_checkpoint):
+    from napari_dca._widgets.model import ModelWidget
+
+    viewer = make_napari_viewer()
+    mw = ModelWidget(viewer)
+    mw.select_checkpoint(str(trained_checkpoint))
+    mw.load()
+    wait_for(mw)
+    again = ModelWidget(viewer)
+    assert again.checkpoint.currentData() == str(trained_checkpoint)
