@@ -26,7 +26,19 @@ def main() -> None:
     from src_models.instances import InstanceMaker
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=12000)
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="chunk edge of the chunked step (default: chunked_instances.DEFAULT_CHUNK)")
+    parser.add_argument("--chunked-above", type=int, default=None, metavar="PIXELS",
+                        help="images above this many pixels are chunked (default: CHUNKED_ABOVE_PIXELS)")
     args = parser.parse_args()
+    import functools
+
+    from src_models import chunked_instances
+    if args.chunked_above is not None:
+        chunked_instances.CHUNKED_ABOVE_PIXELS = args.chunked_above
+    if args.chunk is not None:
+        chunked_instances.chunked_labels = functools.partial(chunked_instances.chunked_labels,
+                                                             chunk=args.chunk)
     prob = synthetic_probabilities(args.size)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()

@@ -84,10 +84,10 @@ def test_random_card_edits_give_a_clear_error_or_a_working_model(tmp_path):
                                     data_split={"train": ["a"], "validation": ["b"]}))
     script = tmp_path / "fuzz.py"
     script.write_text(FUZZ)
-    proc = subprocess.run([sys.executable, str(script), str(path), "3", "80", "12345", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(script), str(path), "3", "60", "12345", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["n_failures"] == 0, result["failures"]
     print(result["counts"])
-    assert result["counts"]["refused"] > 25 and result["counts"]["loaded"] > 10
+    assert result["counts"]["refused"] > 20 and result["counts"]["loaded"] > 5
