@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: card's)")
     p.add_argument("--min-size", type=int, default=None, metavar="PIXELS",
                    help="drop objects smaller than this (default: card's)")
-    p.add_argument("--save-labels", metavar="DIR", default=None, help="also write predicted labels here")
+    p.add_argument("--save-labels", metavar="DIR", default=None, help="also write predicted labels here (NAME.EXT.labels.tif, as segment names them)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch")
     return p
 

@@ -185,9 +185,12 @@ def evaluate_folder(model, card, images_dir: str | Path, masks_dir: str | Path,
     model/card: from checkpoints.load_checkpoint. task: metrics to report (default: card.task).
     predict_kwargs go to inference.predict (tile_size, overlap, device, tta, ...);
     instance_settings override the card's (threshold, min_size, ...). progress(i, n, name) after
-    each image. save_labels: folder for the predicted label TIFFs."""
+    each image. save_labels: folder for the predicted label TIFFs, named as `napari-dca segment`
+    names them (x.png -> x.png.labels.tif), so they never replace an image or a mask."""
     from .image_io import read_image, write_labels
     from .inference import card_value, predict
+    from .safe_write import check_not_input
+    from .segment_outputs import output_path
     from .instances import InstanceMaker
 
     task = task or card_value(card, "task", "nuclei")
@@ -203,8 +206,10 @@ def evaluate_folder(model, card, images_dir: str | Path, masks_dir: str | Path,
             pred = InstanceMaker(prob, card, mode=mode, **(instance_settings or {})).labels()
             if pred.shape != gt.shape:
                 raise ValueError(f"{name}: mask {gt.shape} and image {image.shape} differ in size")
-            if save_labels is not None:
-                write_labels(Path(save_labels) / f"{name}.tif", pred)
+            if save_labels is not None:  # segment's naming: never over an image (or a mask)
+                target = output_path(img_path, save_labels)
+                check_not_input(target, (img_path, mask_path))
+                write_labels(target, pred)
             if progress is not None:
                 progress(i + 1, len(files), name)
             yield name, gt, pred

@@ -118,3 +118,17 @@ def test_evaluate_mistakes_are_one_line(tiny_checkpoint, tmp_path, capsys):
     assert cli.main(["evaluate", "-c", str(empty), "--images", str(tmp_path / "images"),
                      "--masks", str(tmp_path / "images"), "-o", str(tmp_path / "ev")]) == 2
     assert "empty file" in capsys.readouterr().err
+
+
+def test_evaluate_save_labels_into_the_image_folder_keeps_the_images(tiny_checkpoint, tmp_path):
+    import imageio.v3 as iio
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "images" / "x.tif", image)
+    iio.imwrite(tmp_path / "masks" / "x.png", np.zeros((40, 40), np.uint8))
+    assert cli.main(["evaluate", "-c", str(tiny_checkpoint), "--images", str(tmp_path / "images"),
+                     "--masks", str(tmp_path / "masks"), "-o", str(tmp_path / "ev"), "--device", "cpu",
+                     "--save-labels", str(tmp_path / "images")]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "images" / "x.tif"), image)
+    assert (tmp_path / "images" / "x.tif.labels.tif").exists()
