@@ -1,5 +1,7 @@
 """Pyramidal slides open lazily with the right levels and µm/px; plain TIFFs are not slides;
 the tissue mask finds the islands and not the pen stroke."""
+import importlib.util
+
 import numpy as np
 import pytest
 import tifffile
@@ -38,8 +40,9 @@ def test_plain_tiff_is_not_a_slide(tmp_path):
     assert not is_slide(tmp_path / "missing.svs")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("openslide") is None,
+                    reason="openslide-python is an optional extra (napari-dca[openslide])")
 def test_openslide_formats_use_the_same_interface(tmp_path, aperio_slide):
-    openslide = pytest.importorskip("openslide")  # optional extra
     from src_models.slide.reader import open_with_openslide
     path, _ = aperio_slide
     slide = open_with_openslide(path)
@@ -126,3 +129,29 @@ def test_tissue_box_within_a_window():
     assert tissue.box_within(0, 160, 0, 160, pad=8) == (24, 72, 72, 120)
     assert tissue.box_within(40, 160, 0, 90, pad=100) == (40, 160, 0, 90)   # clipped to the window
     assert tissue.box_within(100, 160, 0, 160) is None
+
+
+def test_openslide_level_reads_regions_as_rgb_on_white():
+    from PIL import Image
+
+    from src_models.slide.reader import OpenSlideLevel
+
+    class FakeHandle:                     # openslide.OpenSlide's level API, no library needed
+        level_dimensions = [(400, 300), (100, 75)]
+        level_downsamples = [1.0, 4.0]
+        calls = []
+
+        def read_region(self, location, level, size):
+            self.calls.append((location, level, size))
+            rgba = np.zeros((size[1], size[0], 4), np.uint8)
+            rgba[..., 0] = 200
+            rgba[..., 3] = 255
+            rgba[0, 0] = 0                # transparent: outside the scanned area
+            return Image.fromarray(rgba, "RGBA")
+    handle = FakeHandle()
+    level = OpenSlideLevel(handle, 1)
+    assert level.shape == (75, 100, 3) and level.dtype == np.uint8
+    block = level[10:20, 30:50]
+    assert block.shape == (10, 20, 3)
+    assert handle.calls[-1] == ((120, 40), 1, (20, 10))   # level-0 location, level size
+    assert block[0, 0].tolist() == [255, 255, 255] and block[1, 1].tolist() == [200, 0, 0]
