@@ -7,10 +7,12 @@ regions), `classification` {"name", "color": [r, g, b]} and `measurements` {name
 gives every object a UUID `id`; we write one derived from the label id so the file is
 reproducible and objects can be matched with the label image and the table.
 
-Outlines: the object's mask is traced with marching squares at 0.5 (skimage.measure.find_contours)
-and shifted by half a pixel, so vertices lie on pixel edges as in QuPath's own ROIs (pixel (r, c)
-covers x in [c, c+1], y in [r, r+1]). Holes are filled; an object in several pieces is a
-MultiPolygon. Only collinear vertices are dropped, so rings stay simple (valid).
+Outlines (`window_polygons`): every object of a window is traced along its pixel edges at once, so
+vertices lie on pixel corners as in QuPath's own ROIs (pixel (r, c) covers x in [c, c+1], y in
+[r, r+1]) and filling a polygon gives back exactly the object's pixels. Holes are filled; an object
+in several 4-connected pieces is a MultiPolygon; only corners are kept and a ring that would touch
+itself is split there, so rings are simple (valid). `mask_polygons` (marching squares, smoother,
+slower) traces one mask.
 """
 from __future__ import annotations
 
@@ -134,15 +136,118 @@ def labels_to_geojson(labels: np.ndarray, path: str | Path, class_name: str = "N
     colour = colour or CLASS_COLOURS.get(class_name, (255, 200, 0))
     writer = GeoJSONWriter(path)
     try:
-        for lab, sl in enumerate(ndi.find_objects(labels), 1):
-            if sl is None:
-                continue
-            mask = labels[sl] == lab
-            rings = mask_polygons(mask, sl[0].start + offset[0], sl[1].start + offset[1])
-            if rings:
-                writer.add(feature(rings, object_uuid(image_name, lab), class_name, colour,
-                                   {"Area px": float(mask.sum())}, lab))
+        ids = np.unique(labels)
+        ids = ids[ids > 0]
+        outlines = window_polygons(labels, ids, offset[0], offset[1])
+        areas = np.bincount(labels.ravel().astype(np.int64)) if len(ids) else []
+        for lab in ids.tolist():
+            if outlines.get(lab):
+                writer.add(feature(outlines[lab], object_uuid(image_name, lab), class_name, colour,
+                                   {"Area px": float(areas[lab])}, lab))
     except BaseException:
         writer.abort()
         raise
     return writer.close()
+
+
+# Direction of a boundary edge: 0 +x, 1 +y, 2 -x, 3 -y (image axes, y down). Edges are directed
+# with the object on their right, so outer rings and holes turn opposite ways.
+_STEP = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], np.int64)
+
+
+def window_polygons(labels: np.ndarray, ids, y0: int = 0, x0: int = 0) -> dict[int, list[np.ndarray]]:
+    """Outer rings of every object `ids` in a label window (pixel (0, 0) = level-0 (y0, x0)),
+    traced along pixel edges for all objects at once: {id: [ring (n, 2) of x, y, closed]}.
+
+    The rings follow the pixel boundary exactly (filling a ring's pixel centres gives back the
+    object, holes filled), corners only (no collinear vertices), so they are simple polygons; an
+    object in several 4-connected pieces has one ring per piece. Much faster than tracing each
+    object with marching squares: a slide has 10^5 - 10^6 nuclei."""
+    labels = np.asarray(labels)
+    ids = np.asarray(sorted(int(i) for i in ids), np.int64)
+    if not len(ids):
+        return {}
+    h, w = labels.shape
+    pos = np.clip(np.searchsorted(ids, labels), 0, len(ids) - 1)
+    k = np.where(ids[pos] == labels, pos + 1, 0)
+    p = np.pad(k, 1)
+    starts, dirs, labs = [], [], []
+    # horizontal edges at y = r between p[r] (above) and p[r + 1] (below), x from c to c + 1
+    above, below = p[:-1, 1:-1], p[1:, 1:-1]
+    r, c = np.nonzero((above != below) & (below > 0))           # top of `below`: +x
+    starts.append(np.stack([c, r], 1)); dirs.append(np.zeros(len(r), np.int64)); labs.append(below[r, c])
+    r, c = np.nonzero((above != below) & (above > 0))           # bottom of `above`: -x
+    starts.append(np.stack([c + 1, r], 1)); dirs.append(np.full(len(r), 2)); labs.append(above[r, c])
+    # vertical edges at x = c between p[:, c] (left) and p[:, c + 1] (right), y from r to r + 1
+    left, right = p[1:-1, :-1], p[1:-1, 1:]
+    r, c = np.nonzero((left != right) & (right > 0))            # left side of `right`: -y
+    starts.append(np.stack([c, r + 1], 1)); dirs.append(np.full(len(r), 3)); labs.append(right[r, c])
+    r, c = np.nonzero((left != right) & (left > 0))             # right side of `left`: +y
+    starts.append(np.stack([c, r], 1)); dirs.append(np.ones(len(r), np.int64)); labs.append(left[r, c])
+    start = np.concatenate(starts).astype(np.int64)
+    direction = np.concatenate(dirs).astype(np.int64)
+    lab = np.concatenate(labs).astype(np.int64)
+    end = start + _STEP[direction]
+
+    def key(xy):
+        return (lab * (h + 1) + xy[:, 1]) * (w + 1) + xy[:, 0]
+    order = np.argsort(key(start), kind="stable")
+    start, direction, lab, end = start[order], direction[order], lab[order], end[order]
+    skeys, ekeys = key(start), key(end)
+    first = np.searchsorted(skeys, ekeys, "left")
+    count = np.searchsorted(skeys, ekeys, "right") - first
+    nxt = first.copy()
+    saddle = np.flatnonzero(count == 2)
+    if len(saddle):
+        # two ways on at a diagonal contact: turn right (towards the object) so the two pieces
+        # get separate rings, as 4-connectivity has it
+        second = first[saddle] + 1
+        turn_right = (direction[saddle] + 1) % 4
+        nxt[saddle] = np.where(direction[second] == turn_right, second, first[saddle])
+    seen = np.zeros(len(start), bool)
+    out: dict[int, list[np.ndarray]] = {}
+    nxt_list, skey_list = nxt.tolist(), skeys.tolist()
+    for e0 in range(len(start)):
+        if seen[e0]:
+            continue
+        cycle = []
+        e = e0
+        while not seen[e]:
+            seen[e] = True
+            cycle.append(e)
+            e = nxt_list[e]
+        for loop in _split_at_repeated_vertices(cycle, skey_list):
+            loop = np.asarray(loop)
+            d = direction[loop]
+            corner = d != np.roll(d, 1)               # keep vertices where the direction turns
+            xy = start[loop][corner].astype(np.float64)
+            if len(xy) < 4:
+                continue
+            xy = np.vstack([xy, xy[:1]])
+            # a hole, or an inlet of background pinched off at a diagonal contact: filled
+            if _signed_area(xy) <= 0:
+                continue
+            xy[:, 0] += x0
+            xy[:, 1] += y0
+            out.setdefault(int(ids[lab[loop[0]] - 1]), []).append(xy)
+    return out
+
+
+def _split_at_repeated_vertices(cycle: list[int], vertex_of: list[int]) -> list[list[int]]:
+    """A closed chain of edges that passes a vertex twice (a ring touching itself at a diagonal
+    contact) as loops that each pass every vertex once: simple rings."""
+    loops, path, where = [], [], {}
+    for e in cycle:
+        v = vertex_of[e]
+        if v in where:
+            i = where[v]
+            loop = path[i:]
+            loops.append(loop)
+            for f in loop:
+                where.pop(vertex_of[f], None)
+            path = path[:i]
+        where[v] = len(path)
+        path.append(e)
+    if path:
+        loops.append(path)
+    return loops

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..chunked_instances import (DEFAULT_CHUNK, DEFAULT_MARGIN, ChunkGrid, ChunkLog, Core,
                                  boxes_by_anchor, final_blocks, label_cores, rule_for)
-from .geojson import CLASS_COLOURS, GeoJSONWriter, feature, mask_polygons, object_uuid
+from .geojson import CLASS_COLOURS, GeoJSONWriter, feature, object_uuid, window_polygons
 from .object_table import ObjectTableWriter, measure_window
 from .reader import Slide, open_slide
 from .tissue import TissueMask, slide_tissue
@@ -265,19 +265,17 @@ def _write_objects(slide: Slide, labels: Any, boxes: np.ndarray, grid: ChunkGrid
                 lab = np.asarray(labels[y0:y1, x0:x1])
                 rgb = slide.read(0, y0, y1, x0, x1)
                 measured = measure_window(lab, rgb, rows[:, 0], y0, x0, slide.mpp)
+                outlines = window_polygons(lab, rows[:, 0], y0, x0) if gj is not None else {}
                 for oid, by0, bx0, by1, bx1 in rows.tolist():
                     values = measured.get(oid)
                     if values is None:
                         continue
                     if tb is not None:
                         tb.add(oid, values)
-                    if gj is not None:
-                        sl = (slice(by0 - y0, by1 - y0), slice(bx0 - x0, bx1 - x0))
-                        mask = lab[sl] == oid
-                        rings = mask_polygons(mask, by0, bx0)
-                        if rings:
-                            gj.add(feature(rings, object_uuid(slide.path.name, oid), class_name,
-                                           colour, _qupath_measurements(values), oid))
+                    rings = outlines.get(oid)
+                    if rings:
+                        gj.add(feature(rings, object_uuid(slide.path.name, oid), class_name,
+                                       colour, _qupath_measurements(values), oid))
             if progress is not None:
                 progress("measure", i, len(groups), None)
     except BaseException:
