@@ -347,16 +347,15 @@ def main() -> None:
     unknown = set(chosen) - set(sections)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {list(sections)}")
-    output = []
-    for section in chosen:
-        output += [f"### {section}", ""] + sections[section](args) + [""]
     versions = f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
     if args.openvino:
         import openvino
         versions += f", openvino {openvino.__version__}"
     print(f"\nCPU ({os.cpu_count()} cores), {versions}, {args.threads} threads, load average "
-          f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
-    print("\n".join(output))
+          f"{load_start:.1f} at the start\n")
+    for section in chosen:  # each table as soon as it is measured
+        print("\n".join([f"### {section}", ""] + sections[section](args) + [""]), flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":
