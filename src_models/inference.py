@@ -304,6 +304,8 @@ class ModelRunner:
 
     Splits batches to at most `max_batch`; on a GPU out-of-memory error halves `max_batch` and
     retries, and when one tile still does not fit, moves to the CPU (with a warning) and goes on.
+    runtime: "torch", "onnx" or "auto" (see runtime_onnx.resolve_runtime); with the exported graph,
+    the torch model stays ready for any input shape whose graph cannot be used.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, *, precision: str = "auto",

@@ -1,11 +1,12 @@
 """The exported-graph runtime: a model's forward pass exported to ONNX and run by ONNX Runtime.
 
-Why ONNX Runtime (and not OpenVINO, which also reads the exported file): measured on this
-project's 2-core CPU in one run, alternating, the two are equally fast on the bundled models and the
-paper-configuration U-Net (`benchmarks/bench_runtime.py --compare-openvino`, figures in
-benchmarks/results/README.md), and both about twice eager PyTorch on the bundled models. ONNX Runtime
-is the smaller install (78 MB against 180 MB) and runs the cached file with nothing but numpy, so a
-later `segment` needs no PyTorch to run the model.
+Why ONNX Runtime (and not OpenVINO, which also reads the exported file): measured in one run,
+alternating, on this project's 2-core CPU (`benchmarks/bench_runtime.py --openvino`, tables in
+benchmarks/results/README.md), both run the bundled models 1.7-3.4x faster than eager PyTorch, and
+neither is ahead consistently: OpenVINO was 5-15% faster on the bundled models in the loaded runs
+here, ONNX Runtime as fast or faster on the paper-configuration U-Net, and the issue's quieter
+measurement had ONNX Runtime ahead on `nuclei`. With speed a tie, the smaller dependency wins:
+ONNX Runtime installs 78 MB against OpenVINO's 180 MB, and runs the cached file with numpy alone.
 
     model (+ its input shape) --sha256 of weights, architecture, config, shape, exporter--> key
     key -> <cache>/<key>.onnx  (exported once: torch.onnx.export(dynamo=True), dynamic batch)
