@@ -12,7 +12,8 @@ Rows:
 - default model, 1000x1000: seconds
 - default model, 8192x8192 read lazily from a zarr store, output into a zarr store: peak RSS of a
   fresh process (resource.getrusage), measured in a subprocess
-Goals: paper config >= 0.36 MP/s (2x the official code's 0.18), 1000x1000 <= 1 s, RSS <= 2 GB.
+Goals: paper config >= 0.36 MP/s (set as 2x an official figure of 0.18 MP/s that no command here
+measured; bench_runtime.py --official times the official code itself), 1000x1000 <= 1 s, RSS <= 2 GB.
 Timings use the defaults of `predict` (25 % overlap, Gaussian blending, BatchNorm folded).
 The CPU may be shared with other jobs: numbers are as measured.
 """
