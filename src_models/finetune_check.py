@@ -26,8 +26,10 @@ def split_check(valid: np.ndarray, labels: np.ndarray, fraction: float = 0.25,
     when it cannot hold back `min_objects` objects while leaving one to train on.
 
     It is the far end of the reviewed region along its longer side, about `fraction` of its area,
-    cut where the fewest labelled pixels cross (between objects rather than through them). It
-    depends only on the region and the labels, so a round is reproducible."""
+    cut where the fewest labelled pixels cross (between objects rather than through them); when
+    that strip would hold no object (or all of them), whole objects from that end with a margin
+    around them (`hold_back_objects`). It depends only on the region and the labels, so a round is
+    reproducible."""
     valid = np.asarray(valid, bool)
     none = np.zeros(valid.shape, bool)
     if fraction <= 0 or not valid.any():
@@ -53,8 +55,35 @@ def split_check(valid: np.ndarray, labels: np.ndarray, fraction: float = 0.25,
     n_check = np.count_nonzero(np.unique(np.where(check, labels, 0)))
     n_train = np.count_nonzero(np.unique(np.where(valid & ~check, labels, 0)))
     if n_check < min_objects or n_train < 1:
-        return none
+        return hold_back_objects(valid, labels, fraction, axis)
     return check
+
+
+def hold_back_objects(valid: np.ndarray, labels: np.ndarray, fraction: float, axis: int,
+                      margin: int = 8) -> np.ndarray:
+    """When a strip cannot be cut (e.g. no object lies at the far end): the object farthest along
+    `axis` (by centre), and the next ones while they stay within `fraction` of the labelled area,
+    never all of them, with `margin`
+    pixels of reviewed background around them; the other objects' pixels stay for training.
+    All False with fewer than two objects."""
+    from scipy import ndimage as ndi
+    inside = np.where(valid, labels, 0)
+    ids = np.unique(inside)
+    ids = ids[ids > 0]
+    if ids.size < 2:
+        return np.zeros(valid.shape, bool)
+    centres = np.array([c[axis] for c in ndi.center_of_mass(np.ones(inside.shape), inside, ids)])
+    areas = ndi.sum_labels(np.ones(inside.shape), inside, ids)
+    order = np.argsort(-centres, kind="stable")[:-1]  # farthest first; one always stays for training
+    chosen, held_area = [ids[order[0]]], areas[order[0]]
+    for k in order[1:]:
+        if held_area + areas[k] > fraction * areas.sum():
+            break
+        chosen.append(ids[k])
+        held_area += areas[k]
+    held = np.isin(inside, chosen)
+    around = ndi.maximum_filter(held, size=2 * margin + 1)
+    return around & valid & ~((inside > 0) & ~held)
 
 
 # --------------------------------------------------------------------------- scores

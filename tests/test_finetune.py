@@ -259,6 +259,12 @@ def test_split_check_holds_back_the_far_end_between_objects():
     one = np.zeros_like(labels)
     one[10:20, 10:20] = 1
     assert not split_check(valid, one, 0.25).any()   # one object: nothing can be held back
+    two = one.copy()
+    two[10:20, 30:38] = 2
+    two[24:30, 12:20] = 3                            # nothing near the bottom: whole objects instead
+    held = split_check(valid, two, 0.25)
+    assert held.any() and not (held & ~valid).any()
+    assert held[two == 3].all() and not held[(two == 1) | (two == 2)].any()
 
 
 def test_a_round_that_makes_the_check_set_worse_is_rolled_back():
