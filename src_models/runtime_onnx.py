@@ -27,9 +27,11 @@ A fine-tuned model has new weights, hence a new key and a fresh export.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 import warnings
@@ -164,13 +166,25 @@ def key_for_model(model, input_shape: tuple[int, int, int], variant: str = "fuse
 # Export (torch) and session (ONNX Runtime)
 # ----------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Errors only from logger `name` (the exporter logs a warning per optional package absent)."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 def export_graph(model, input_shape: tuple[int, int, int], path: Path) -> None:
     """Exports `model` (eval, CPU, float32; BatchNorm already folded by the caller if wanted) for
     inputs (B, *input_shape) with a dynamic batch, to `path` via a temporary file and a rename."""
     import torch
     c, h, w = input_shape
     example = torch.zeros(2, c, h, w)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
         program = torch.onnx.export(
             model, (example,), dynamo=True, opset_version=OPSET, verbose=False,
