@@ -334,7 +334,7 @@ class FinetuneWidget(QWidget):
             def progress(step, total, loss):
                 report(step, total, loss)
 
-            def segment(model, card_, tag):
+            def segment(model, card_, tag, threshold=threshold, min_size=min_size):
                 probs = predict(model, image, card_, device=device)
                 maker = InstanceMaker(probs, card_, mode=task)
                 result = SegmentResult(source, name, task, full, probs, maker, scale, translate,
@@ -346,9 +346,14 @@ class FinetuneWidget(QWidget):
 
             out = finetune(old_model, image, labels, region=valid, steps=steps, lr=lr, train=train,
                            card=old_card, progress=progress, cancel=cancel.is_set)
+            if not getattr(out, "kept", True):  # the engine rolled the round back: nothing changes
+                return out, None, None, None
             card = out.card(old_card, parent=(old_checkpoint if old_saved else None) or None)
             report(0, 0, stage="segmenting with the new model…")
-            new_result = segment(out.model, card, (id(out.model), -1))
+            tuned = getattr(out, "instance_params", None) or {}
+            new_result = segment(out.model, card, (id(out.model), -1),
+                                 threshold=tuned.get("threshold", threshold),
+                                 min_size=tuned.get("min_size", min_size))
             if cached is not None:
                 before = cached
             else:
@@ -358,6 +363,12 @@ class FinetuneWidget(QWidget):
 
         def done(value):
             out, card, new_result, before = value
+            if new_result is None:
+                loss = (f"loss {out.loss_history[0]:.3f} → {out.loss_history[-1]:.3f}. "
+                        if out.loss_history else "")
+                self.summary.setText(f"{len(out.loss_history)} steps, {loss}{engine_summary(out)} "
+                                     f"Nothing changed: the current model and its results stay.")
+                return
             if image_by_key(self.viewer, source) is None:
                 self.summary.setText(f"'{name}' was closed while fine-tuning; the new model is "
                                      f"kept as the current model (not saved yet).")

@@ -317,6 +317,8 @@ def corrections_summary(corrections) -> str:
         steps = r.get("steps_done", r.get("steps"))
         if steps is not None:
             bits.append(f"{steps} steps")
+        if "kept" in r:
+            bits.append("kept" if r["kept"] else "rolled back")
         parts.append(", ".join(bits) or "1 round")
     n = len(parts)
     return f"{n} round{'s' if n != 1 else ''}: " + "; ".join(parts) if parts else "recorded"

@@ -186,3 +186,23 @@ def fit(viewer, qtbot) -> None:
     viewer.reset_view()
     settle(qtbot, 50)
 
+
+
+@pytest.fixture
+def keep_every_round(monkeypatch):
+    """Fine-tuning rounds of 2-3 test steps rarely beat the old model on the held-back check, so
+    the engine rolls them back; tests of what the widget does with a kept round force the keep
+    (the engine's own decision is tested in tests/test_finetune.py)."""
+    import src_models.finetune as engine
+
+    real = engine.finetune
+
+    def kept(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if not getattr(out, "kept", True):
+            out.kept = True
+            out.model = out.trained if getattr(out, "trained", None) is not None else out.model
+            out.summary = "Kept the fine-tuned model (forced by the test)."
+        return out
+    monkeypatch.setattr(engine, "finetune", kept)
+    return kept

@@ -136,7 +136,8 @@ def test_3_brush_strokes_never_run_attention_or_change_the_active_layer(
 
 # --- 4 ---------------------------------------------------------------------------------------------
 def test_4_changes_compare_the_old_models_prediction_with_the_new_one(
-        make_napari_viewer, qtbot, wait_for, messages, trained_checkpoint, small_image):
+        make_napari_viewer, qtbot, wait_for, messages, trained_checkpoint, small_image,
+        keep_every_round):
     from napari_dca._widgets.finetune import FinetuneWidget
     from src_models.inference import predict
     from src_models.instances import InstanceMaker
@@ -225,7 +226,8 @@ def _finetuned(make_napari_viewer, qtbot, wait_for, checkpoint, image):
 
 
 def test_6_save_updates_the_card_and_summary(make_napari_viewer, qtbot, wait_for, messages,
-                                              trained_checkpoint, small_image, tmp_path):
+                                              trained_checkpoint, small_image, tmp_path,
+                                              keep_every_round):
     viewer, state, seg, mw, ft = _finetuned(make_napari_viewer, qtbot, wait_for, trained_checkpoint,
                                             small_image)
     assert "not saved" in mw.card.text().lower()
@@ -238,7 +240,8 @@ def test_6_save_updates_the_card_and_summary(make_napari_viewer, qtbot, wait_for
 
 def test_6_revert_belongs_to_the_model_it_was_made_for(make_napari_viewer, qtbot, wait_for,
                                                         messages, trained_checkpoint,
-                                                        other_checkpoint, small_image):
+                                                        other_checkpoint, small_image,
+                                                        keep_every_round):
     viewer, state, seg, mw, ft = _finetuned(make_napari_viewer, qtbot, wait_for, trained_checkpoint,
                                             small_image)
     mw.select_checkpoint(str(other_checkpoint))
@@ -382,3 +385,33 @@ def test_14_the_last_checkpoint_and_device_are_remembered(make_napari_viewer, wa
     wait_for(mw)
     again = ModelWidget(viewer)
     assert again.checkpoint.currentData() == str(trained_checkpoint)
+
+
+def test_a_round_the_engine_rolls_back_changes_nothing(make_napari_viewer, qtbot, wait_for,
+                                                        messages, trained_checkpoint, small_image,
+                                                        monkeypatch):
+    import src_models.finetune as engine
+
+    real = engine.finetune
+
+    def rolled_back(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        out.kept, out.model = False, model
+        out.summary = "Kept the previous model: worse on your held-back corrections."
+        return out
+    monkeypatch.setattr(engine, "finetune", rolled_back)
+    viewer, state, seg = _segmented(make_napari_viewer, qtbot, wait_for, trained_checkpoint,
+                                    small_image)
+    model, layer = state.model, seg.labels_layer()
+    before = layer.data.copy()
+    from napari_dca._widgets.finetune import FinetuneWidget
+    ft = FinetuneWidget(viewer)
+    ft.labels.set_layer(layer)
+    ft.steps.setValue(2)
+    ft.run()
+    wait_for(ft)
+    assert not errors(messages), messages
+    assert state.model is model and state.saved
+    assert np.array_equal(layer.data, before)
+    assert "Kept the previous model" in ft.summary.text()
+    assert not ft.revert_button.isEnabled() and not ft.save_button.isEnabled()

@@ -41,7 +41,7 @@ class LoopGaps:
 
 def test_a_whole_correction_session_keeps_every_painted_pixel(
         make_napari_viewer, qtbot, wait_for, messages, trained_checkpoint, other_checkpoint,
-        tmp_path):
+        tmp_path, keep_every_round):
     from napari_dca._sample_data import nuclei_sample
     from napari_dca._widgets.finetune import FinetuneWidget
     from napari_dca._widgets.model import ModelWidget

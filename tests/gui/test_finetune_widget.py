@@ -34,7 +34,8 @@ def _setup(make_napari_viewer, checkpoint, image, wait_for):
 
 
 def test_finetune_runs_in_a_worker_reports_progress_and_reverts(
-        make_napari_viewer, tiny_checkpoint, small_image, wait_for, messages, qtbot, tmp_path):
+        make_napari_viewer, tiny_checkpoint, small_image, wait_for, messages, qtbot, tmp_path,
+        keep_every_round):
     viewer, seg, ft, output, user = _setup(make_napari_viewer, tiny_checkpoint, small_image, wait_for)
     state = seg.state
     old_model, old_labels = state.model, output.data.copy()
@@ -65,7 +66,7 @@ def test_finetune_runs_in_a_worker_reports_progress_and_reverts(
 
 
 def test_finetune_can_be_cancelled(make_napari_viewer, tiny_checkpoint, small_image, wait_for,
-                                   messages, qtbot):
+                                   messages, qtbot, keep_every_round):
     viewer, seg, ft, output, user = _setup(make_napari_viewer, tiny_checkpoint, small_image, wait_for)
     ft.steps.setValue(2000)
     ft.run()
