@@ -93,7 +93,7 @@ def arrange_window(viewer, docks, width_fraction: float = 0.99, height_fraction:
         window.move(area.x() + (area.width() - width) // 2, area.y() + (area.height() - height) // 2)
     if docks:
         # napari's layer controls need ~340 px on the left; ours get about a sixth of the window
-        dock_width = max(DOCK_MIN_WIDTH, min(380, int(width * 0.155)))
+        dock_width = max(DOCK_MIN_WIDTH, min(380, int(width * 0.165)))
         window.resizeDocks(docks, [dock_width] * len(docks), Qt.Horizontal)
     qt_viewer = getattr(viewer.window, "_qt_viewer", None)
     left = [d for d in (getattr(qt_viewer, "dockLayerList", None),

@@ -98,7 +98,6 @@ def main(argv=None) -> int:
     get_settings().application.gui_notification_level = "none"  # no toasts over the pictures
 
     viewer = napari.Viewer(title="napari-dca", show=True)
-    viewer.window._qt_window.resize(1500, 950)
     viewer, widgets = open_viewer(checkpoint, "nuclei", "cpu", viewer=viewer)
     app = QApplication.instance()
     model_w, seg, ft, att = (widgets[n] for n in ("Model", "Segment", "Fine-tune", "Attention"))
@@ -119,8 +118,11 @@ def main(argv=None) -> int:
     show_dock("Model")
     _save(viewer, "model", model_w)
 
-    # 2. Segment
+    # 2. Segment (PyTorch runtime: the pictures need no one-off graph export)
     show_dock("Segment")
+    runtime = getattr(seg, "runtime", None)
+    if runtime is not None and runtime.findData("torch") >= 0:
+        runtime.setCurrentIndex(runtime.findData("torch"))
     seg.image.select(image.name)
     seg.run()
     _wait(app, lambda: not seg.busy)
@@ -144,8 +146,10 @@ def main(argv=None) -> int:
 
     # 4. Attention: a query on a nucleus-rich spot
     show_dock("Attention")
+    att.pick.setChecked(True)  # what a user ticks to click on the image
     for layer in list(viewer.layers):
-        if layer.name.endswith("probability") or "changes" in layer.name or layer is region:
+        if (layer.name.endswith("probability") or "changes" in layer.name or layer is region
+                or layer.__class__.__name__ == "Labels"):
             layer.visible = False
     seg_layer = seg.labels_layer()
     if seg_layer is not None:

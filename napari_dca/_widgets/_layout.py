@@ -3,9 +3,10 @@ napari's theme colours."""
 from __future__ import annotations
 
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (QComboBox, QFormLayout, QFrame, QPushButton, QScrollArea, QSizePolicy, QVBoxLayout,
+                            QWidget)
 
-DOCK_MIN_WIDTH = 240   # narrow enough that the canvas keeps 60% of a 1600 px window
+DOCK_MIN_WIDTH = 250   # narrow enough that the canvas keeps 60% of a 1600 px window
 DOCK_WIDTH = 340       # what launch gives the dock area
 
 
@@ -14,11 +15,20 @@ def scrolling(widget: QWidget, inner) -> QScrollArea:
     it never makes the main window taller than the screen."""
     content = QWidget()
     content.setLayout(inner)
+    for combo in content.findChildren(QComboBox):  # long layer names must not widen the dock
+        combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(6)
+    for form in content.findChildren(QFormLayout):  # labels above fields when the dock is narrow
+        form.setRowWrapPolicy(QFormLayout.WrapLongRows)
+        form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+    for button in content.findChildren(QPushButton):
+        button.setMinimumWidth(0)
+        button.setSizePolicy(QSizePolicy.Ignored, button.sizePolicy().verticalPolicy())
     area = QScrollArea()
     area.setWidget(content)
     area.setWidgetResizable(True)
     area.setFrameShape(QFrame.NoFrame)
-    area.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarAsNeeded)  # never clip: scroll if ever needed
     outer = QVBoxLayout(widget)
     outer.setContentsMargins(0, 0, 0, 0)
     outer.addWidget(area)

@@ -84,8 +84,6 @@ class AttentionPlot(QWidget):
         fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=COLORMAP), cax=ax, orientation="horizontal")
         if uniform is not None:
             ax.axvline(uniform, color=self.colors["foreground"], lw=1.5)
-            ax.text(uniform, 1.15, "uniform", transform=ax.get_xaxis_transform(), ha="center",
-                    va="bottom", fontsize=7, color=self.colors["foreground"])
         ax.set_title(label, fontsize=8, pad=12)
         style_axes(ax, self.colors)
         self.canvas.draw_idle()
@@ -136,25 +134,27 @@ class AttentionWidget(QWidget):
         self.head = QComboBox()
         self.head.setToolTip("Attention head: spatial maps and the channel (CCA) matrix; "
                              "a model with fewer CCA heads shows its last one")
-        self.pick = QCheckBox("Click on the image to ask where that point looks")
-        self.pick.setToolTip("Only while this panel is visible and the active layer is not being "
-                             "painted or drawn on")
+        self.pick = QCheckBox("Click on the image to query")
+        self.pick.setToolTip("A click shows where that point looks; only while this panel is "
+                             "visible and the active layer is not being painted or drawn on")
         self.pick.setChecked(False)  # opt-in
         self.follow = QCheckBox("Follow the mouse")
-        self.visible_only = QCheckBox("Whole visible region (else the tile around the point)")
+        self.visible_only = QCheckBox("Whole visible region")
+        self.visible_only.setToolTip("Analyse everything the canvas shows (else the tile "
+                                     "around the point)")
         self.run_button = QPushButton("Show attention")
         self.jobs = JobPanel(state=self.state, unit="tile")
         self.plot = AttentionPlot(viewer)
         self.cca_plot = AttentionPlot(viewer, with_cca=True)
-        self.summary = QLabel("Tick 'Click on the image…' and click a spot, or press 'Show "
-                              "attention' for the visible region.")
+        self.summary = QLabel("Tick 'Click on the image to query' and click a spot, or press "
+                              "'Show attention' for the visible region.")
         self.summary.setWordWrap(True)
 
         form = QFormLayout()
         form.addRow("Image", self.image)
         form.addRow("Show", self.kind)
         form.addRow("Depth", self.stage)
-        advanced = QCollapsible("Advanced (heads, channel attention)")
+        advanced = QCollapsible("Advanced")
         adv_inner = QWidget()
         adv_form = QFormLayout(adv_inner)
         adv_form.addRow("Head", self.head)
@@ -417,8 +417,8 @@ class AttentionWidget(QWidget):
         cca = st.cca.mean(0) if head < 0 else st.cca[cca_head]
         head_label = "mean of heads" if head < 0 else f"head {cca_head + 1}"
         features = tuple(s.channels for s in m.stages)
-        label = {"query": "share of the point's attention (line: spread evenly)",
-                 "received": "attention received, times the average (line: even)",
+        label = {"query": "share of the point's attention (line: even)",
+                 "received": "times the average location (line: even)",
                  "channels": "channel-weighted response"}[kind]
         self.plot.show_bar(limits, label, uniform)
         self.cca_plot.show_cca(cca, features, stage_idx, head_label)

@@ -187,7 +187,9 @@ class FinetuneWidget(QWidget):
         self.plot = LossPlot(viewer)
         self.revert_button = QPushButton("Revert")
         self.revert_button.setToolTip("Back to the model (and result) from before this round")
-        self.save_button = QPushButton("Save as checkpoint…")
+        self.save_button = QPushButton("Save…")
+        self.save_button.setToolTip("Save the fine-tuned model as a new checkpoint (its card records "
+                                    "the parent and the corrections)")
         for b in (self.revert_button, self.save_button):
             b.setEnabled(False)
         self.summary = QLabel("")
@@ -403,7 +405,7 @@ class FinetuneWidget(QWidget):
                        f"no longer found (green / red in the changes layer).")
         outcome = f" {r.outcome}" if r.outcome else ""
         self.summary.setText(f"{len(r.losses)} steps{stop}, {loss}.{outcome} {change_text} {where} "
-                             f"Not saved yet: 'Save as checkpoint…' keeps it, 'Revert' undoes it.")
+                             f"Not saved yet: 'Save…' keeps it, 'Revert' undoes it.")
         self._update_buttons()
 
     def _show_changes(self, r: Round, image) -> None:

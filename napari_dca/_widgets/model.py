@@ -7,7 +7,7 @@ from pathlib import Path
 import napari
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
-                            QPushButton, QVBoxLayout, QWidget)
+                            QPushButton, QSizePolicy, QVBoxLayout, QWidget)
 
 from ._common import alive, available_devices, resolve_device, show_error, show_info
 from ._jobs import JobPanel
@@ -37,7 +37,8 @@ class ModelWidget(QWidget):
         from src_models import list_models
         self.backbone.addItems(list_models())
         self.backbone.setCurrentText("unet")  # the paper's base model; the lightest with DCA
-        self.dca = QCheckBox("Dual cross-attention (DCA)")
+        self.dca = QCheckBox("Dual cross-attention")
+        self.dca.setToolTip("Build the new model with the DCA module (the paper's model)")
         self.dca.setChecked(True)
         self.task = QComboBox()
         self.task.addItems(["nuclei", "glands", "semantic"])
@@ -59,6 +60,7 @@ class ModelWidget(QWidget):
         self.card.setWordWrap(True)
         self.card.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.card.setAlignment(Qt.AlignTop | Qt.AlignLeft)
+        self.card.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)  # wraps to the dock
 
         form = QFormLayout()
         form.addRow("Checkpoint", row)
@@ -276,7 +278,7 @@ def card_html(state) -> str:
     elif not state.saved:
         rows.append(("Checkpoint", f"not saved yet (fine-tuned from "
                                    f"{(card.parent if card else None) or 'a new model'}); "
-                                   f"Fine-tune > 'Save as checkpoint…' keeps it"))
+                                   f"Fine-tune > 'Save…' keeps it"))
     else:
         rows.append(("Checkpoint", "none (new, untrained)"))
     rows.append(("Device", state.device))
@@ -293,9 +295,8 @@ def card_html(state) -> str:
             rows.append(("Fine-tuned from", card.parent))
         rows.append(("Corrections", corrections_summary(card.corrections)))
         rows.append(("Licence", card.licence or "not stated in the card"))
-    return "<table>" + "".join(
-        f"<tr><td valign='top'><b>{esc(k)}</b>&nbsp;</td><td>{esc(str(v))}</td></tr>" for k, v in rows
-    ) + "</table>"
+    # one short paragraph per row (not a table): it wraps to any dock width, nothing is clipped
+    return "".join(f"<p style='margin:0 0 4px 0'><b>{esc(k)}</b>: {esc(str(v))}</p>" for k, v in rows)
 
 
 def corrections_summary(corrections) -> str:

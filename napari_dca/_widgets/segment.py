@@ -180,7 +180,8 @@ class SegmentWidget(QWidget):
         self.min_size.setValue(remembered("segment/min_size", 30))
         self.min_size.setSuffix(" px")
         self.min_size.setToolTip("Objects smaller than this are dropped; changes the labels live")
-        self.contours = QCheckBox("Outlines only (the tissue stays visible)")
+        self.contours = QCheckBox("Outlines only")
+        self.contours.setToolTip("Draw objects as outlines so the tissue stays visible")
         self.contours.setChecked(remembered("segment/contours", True))
         self.runtime = QComboBox()  # what runs the model (src_models/runtime_onnx.py)
         self.runtime.addItem("auto (fast exported graph on the CPU)", "auto")
@@ -190,11 +191,12 @@ class SegmentWidget(QWidget):
         self.runtime.setToolTip("On a CPU the exported graph runs about twice as fast as PyTorch, "
                                 "with the same results. The first run of a model (or of new "
                                 "weights) exports it once into your cache folder (~20-60 s).")
-        self.show_probabilities = QCheckBox("Add a probability layer")
+        self.show_probabilities = QCheckBox("Probability layer")
+        self.show_probabilities.setToolTip("Also add the foreground probability as an image layer")
         self.show_probabilities.setChecked(remembered("segment/probabilities", False))
-        self.visible_only = QCheckBox("Visible region only (for big images)")
-        self.visible_only.setToolTip("Segments what the canvas shows; an earlier result of the "
-                                     "whole image is kept outside that region")
+        self.visible_only = QCheckBox("Visible region only")
+        self.visible_only.setToolTip("For big images: segments what the canvas shows; an earlier "
+                                     "result of the whole image is kept outside that region")
         self.run_button = QPushButton("Segment")
         self.run_button.setToolTip(f"Segment the chosen image with the current model ({SEGMENT_KEY})")
         self.jobs = JobPanel(state=self.state, unit="tile")
