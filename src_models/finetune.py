@@ -310,6 +310,14 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
         raise ValueError("the corrections contain no labelled object in the reviewed region: label at "
                          "least one object (fine-tuning on background alone would teach the model "
                          "to predict nothing)")
+    head = str(getattr(card, "head", None) or (card.get("head") if isinstance(card, dict) else None)
+               or "binary")
+    if head != "binary":
+        # The target of an instance-aware head (three_class, distance) comes from the shared
+        # instance_target of the training code; until a round is wired to it, training such a head
+        # on a foreground mask would silently teach it the wrong thing.
+        raise ValueError(f"fine-tuning a model with a {head!r} head is not supported yet: only "
+                         f"'binary' (foreground) heads can be fine-tuned")
     corrections = describe_corrections(image, labels, valid, region)
     check = split_check(valid, labels, check_fraction)
     train_valid = valid & ~check

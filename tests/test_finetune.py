@@ -350,3 +350,10 @@ def test_bundled_replay_crops_are_the_cards_own_training_images():
     image, mask = crops[0]
     assert image.shape == mask.shape + (3,) and image.dtype == np.uint8 and mask.max() > 0
     assert bundled_replay(toy_card(data_split={"train": ["someone_else"]})) == []
+
+
+def test_a_head_the_round_cannot_train_is_refused_before_training():
+    image, labels = nuclei_grid()
+    card = {"architecture": "unet", "model_kwargs": {}, "task": "nuclei", "head": "three_class"}
+    with pytest.raises(ValueError, match="three_class"):
+        finetune(DarknessModel(), image, labels, steps=1, tile_size=TILE, card=card)
