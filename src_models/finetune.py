@@ -282,8 +282,8 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     tile size, post-processing). replay: training samples of the model ((image, mask) pairs or
     data.Sample) of which `replay_per_batch` crops join every batch, and fixed crops of which check
     the round; "auto" (default): the crops of the card's training images that ship with the package
-    (`bundled_replay`); None: none. progress(step, steps, loss) after every step; cancel() is checked before every step
-    and ends the round with the old model kept; max_seconds stops training once that much time has
+    (`bundled_replay`); None: none. progress(step, steps, loss) after every step; cancel() is
+    checked before every step and ends the round with the old model kept; max_seconds stops training once that much time has
     passed (a predictable round in the GUI; the check still runs).
     gap_weight: loss weight on background gaps between touching objects (`touching_gap_weights`),
     by default what the checkpoint was trained with (its card), else 1 (off).

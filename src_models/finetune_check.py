@@ -204,7 +204,8 @@ def choose_postprocessing(prob: np.ndarray, box: tuple[slice, slice], labels: np
     sweeps = [("threshold", [t for t in thresholds if t != start.threshold]),
               ("min_size", sorted({max(1, int(start.min_size * f)) for f in (0.5, 2.0)} - {start.min_size}))]
     if start.splits:
-        sweeps.append(("min_distance", [d for d in (start.min_distance - 1, start.min_distance + 1) if d >= 1]))
+        near = (start.min_distance - 1, start.min_distance + 1)
+        sweeps.append(("min_distance", [d for d in near if d >= 1]))
     for name, values in sweeps:
         for v in values:
             p = replace(best, **{name: v})
