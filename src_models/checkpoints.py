@@ -50,6 +50,7 @@ class ModelCard:
     tile_size: int = 256
     class_names: list[str] = field(default_factory=lambda: ["foreground"])
     task: str = "semantic"                      # "nuclei" | "glands" | "semantic"
+    head: str = "binary"                        # what the outputs mean: one of targets.HEADS
     instance_params: dict[str, Any] = field(default_factory=dict)
     trained_on: str = ""
     data_split: dict[str, Any] = field(default_factory=dict)
@@ -70,7 +71,12 @@ class ModelCard:
     def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
         """A card from its JSON form; CheckpointError naming the field for any bad value
         (card_schema.validate_card)."""
-        return cls(**validate_card(d, known_fields={f.name for f in fields(cls)}))
+        card = cls(**validate_card(d, known_fields={f.name for f in fields(cls)}))
+        from .targets import head_channels
+        if card.head != "binary" and card.num_classes != head_channels(card.head):
+            raise CheckpointError(f"model card's head {card.head!r} needs {head_channels(card.head)} "
+                                  f"output channels, but model_kwargs has num_classes={card.num_classes}")
+        return card
 
     @property
     def num_classes(self) -> int:

@@ -1,9 +1,19 @@
 """Probabilities -> binary mask -> instance labels.
 
+Binary heads (1 sigmoid channel; `targets.HEADS`):
     glands:   threshold -> fill holes -> connected components -> drop objects below min_size
     nuclei:   threshold -> fill holes -> distance-transform-seeded watershed (touching nuclei are
               split) -> drop objects below min_size
-    semantic: threshold (binary) or arg-max (multi-class) -> class map, no instances
+Instance heads ("three_class", "distance"), both tasks: marker-controlled watershed. The
+foreground (1 - P(background)) >= threshold is the mask; markers are the connected regions where
+the head's interior score (`targets.interior_score`: P(interior), or the expected distance level)
+is >= marker_threshold, at least marker_min_size pixels; they are grown into the mask down the
+interior score, so touching objects meet where the model sees their boundary, not on a straight
+line between two distance peaks. Mask regions that hold no marker stay one object each.
+semantic: threshold (binary) or arg-max (multi-class) -> class map, no instances
+
+`probabilities_to_labels` is a pure function of one probability array: a chunk of a slide (with
+its overlap margin) is labelled the same way as a whole image.
 
 `InstanceMaker` keeps the probabilities so changing the threshold (or any other setting) only
 re-derives the masks: the model is never run again.
@@ -15,6 +25,8 @@ from typing import Any, Mapping
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from .targets import HEADS, check_head, head_of, interior_score  # noqa: F401 - HEADS: card_schema reads it here
 
 MODES = ("nuclei", "glands", "semantic")
 
@@ -35,6 +47,9 @@ class InstanceParams:
     min_distance: int = 4
     smoothing: float = 1.0
     split: bool | None = None
+    head: str = "binary"
+    marker_threshold: float = 0.5
+    marker_min_size: int = 0
 
     @property
     def splits(self) -> bool:
@@ -48,6 +63,7 @@ class InstanceParams:
         if card is not None:
             get = card.get if isinstance(card, Mapping) else (lambda k, d=None: getattr(card, k, d))
             task = get("task", None)
+            params["head"] = head_of(card)
             if task in MODES:
                 params["mode"] = task
                 if task == "glands":
@@ -62,6 +78,7 @@ class InstanceParams:
         out = cls(**params)
         if out.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {out.mode!r}")
+        check_head(out.head)
         return out
 
 
@@ -93,6 +110,28 @@ def split_touching(mask: np.ndarray, min_distance: int = 4, smoothing: float = 1
         extra, n_extra = ndi.label(unseeded)
         markers[extra > 0] = extra[extra > 0] + n
     return watershed(-dist, markers, mask=mask).astype(np.int32)
+
+
+def marker_watershed(mask: np.ndarray, score: np.ndarray, marker_threshold: float = 0.5,
+                     marker_min_size: int = 0) -> np.ndarray:
+    """Instance labels (H, W) int32 of `mask`: markers are the connected regions of
+    `score >= marker_threshold` inside the mask with at least `marker_min_size` pixels, grown into
+    the mask by a watershed on -score. Mask components without a marker keep one label each."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.zeros(mask.shape, np.int32)
+    from skimage.segmentation import watershed
+    score = np.asarray(score, np.float32)
+    markers, n = ndi.label((score >= marker_threshold) & mask)
+    if n and marker_min_size > 1:
+        markers = remove_small(markers, marker_min_size)
+        n = int(markers.max())
+    comps, _ = ndi.label(mask)
+    unseeded = mask & ~np.isin(comps, np.unique(comps[markers > 0]))
+    if unseeded.any():
+        extra, _ = ndi.label(unseeded)
+        markers = np.where(extra > 0, extra + n, markers)
+    return watershed(-score, markers, mask=mask).astype(np.int32)
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -147,6 +186,7 @@ class InstanceMaker:
         self.multiclass = (plane_ndim == 3) if multiclass is None else multiclass
         self.params = InstanceParams.from_card(card, **settings)
         self._fg: np.ndarray | None = None
+        self._scores: dict[str, np.ndarray] = {}
         self._cache: dict[InstanceParams, np.ndarray] = {}
 
     @property
@@ -158,6 +198,18 @@ class InstanceMaker:
             else:
                 self._fg = foreground_probability(self.prob, self.multiclass)
         return self._fg
+
+    def interior(self, head: str | None = None) -> np.ndarray:
+        """The interior score (H, W) or (Z, H, W) of an instance head (default: the card's) over
+        these probabilities, computed once per head."""
+        head = check_head(head or self.params.head)
+        if head == "binary" or not self.multiclass:
+            raise ValueError("a binary head has no interior score")
+        if head not in self._scores:
+            planes = self.prob if self.stack else [self.prob]
+            scores = [interior_score(p, head) for p in planes]
+            self._scores = {head: np.stack(scores) if self.stack else scores[0]}
+        return self._scores[head]
 
     def settings(self, **overrides) -> InstanceParams:
         return replace(self.params, **{k: v for k, v in overrides.items() if v is not None})
@@ -212,9 +264,20 @@ class InstanceMaker:
                     out.append((prob >= p.threshold).astype(np.int32))
                 continue
             fg = self.foreground if z is None else self.foreground[z]
-            labels = binary_to_instances(fg >= p.threshold, p)
+            if p.head != "binary" and self.multiclass:
+                labels = self._watershed(fg, z, p)
+            else:
+                labels = binary_to_instances(fg >= p.threshold, p)
             if offset:
                 labels[labels > 0] += offset
             offset = max(offset, int(labels.max()))
             out.append(labels)
         return out[0] if not self.stack else np.stack(out)
+
+    def _watershed(self, fg: np.ndarray, z: int | None, p: InstanceParams) -> np.ndarray:
+        mask = fg >= p.threshold
+        if p.fill_holes:
+            mask = ndi.binary_fill_holes(mask)
+        score = self.interior(p.head) if z is None else self.interior(p.head)[z]
+        labels = marker_watershed(mask, score, p.marker_threshold, p.marker_min_size)
+        return remove_small(labels, p.min_size)

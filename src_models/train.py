@@ -31,6 +31,7 @@ from .data import Sample, load_samples, split_names
 from .inference import predict, select_device
 from .instances import foreground_probability
 from .losses import dice_ce_loss, labels_to_target, touching_gap_weights
+from .targets import BOUNDARY_WIDTH, DISTANCE_LEVELS, GAP_RADIUS, check_head, head_channels, instance_target
 from .preprocess import DEFAULT_NORMALIZATION, as_float01, normalize
 from .registry import build_model
 
@@ -40,6 +41,12 @@ INSTANCE_DEFAULTS = {
     "glands": {"mode": "glands", "threshold": 0.5, "min_size": 200, "fill_holes": True},
     "semantic": {"mode": "semantic", "threshold": 0.5, "min_size": 0},
 }
+# Marker settings of the instance heads before `scripts/tune_instances.py` chooses them.
+MARKER_DEFAULTS = {"marker_threshold": 0.5, "marker_min_size": 0}
+# Inner-rim width of the three-class boundary, per task: nuclei are ~10 px across, glands ~100.
+BOUNDARY_WIDTHS = {"nuclei": 1, "glands": 3}
+CLASS_NAMES = {"three_class": ["background", "interior", "boundary"],
+               "distance": ["background"] + [f"distance_level_{k}" for k in range(1, DISTANCE_LEVELS + 1)]}
 
 LICENCES = {
     "GlaS": "Trained on GlaS (Warwick-QU, MICCAI 2015): research use only, no commercial use. "
@@ -77,6 +84,23 @@ class TrainConfig:
     gap_weight: float = 1.0                     # CE weight on gaps between touching instances (1 = off)
     gap_radius: int = 6                         # pixels: how close two instances must be for a gap
     overwrite: bool = False                     # replace an existing checkpoint at `out`
+    head: str = "binary"                        # targets.HEADS: what the model learns to output
+    boundary_width: int | None = None           # three_class rim (pixels); None: BOUNDARY_WIDTHS[task]
+    select_on: str | None = None                # "dice" | "objects" (object F1 / AJI); None: by head
+    validate: bool = True                       # False: train on every image (train + validation
+                                                # split) for `steps`, no early stopping: the final
+                                                # weights of a recipe chosen on the validation split
+
+    def target_settings(self) -> dict[str, int]:
+        """instance_target's settings, recorded in the card (training["target"]) for fine-tuning."""
+        width = self.boundary_width or BOUNDARY_WIDTHS.get(self.task, BOUNDARY_WIDTH)
+        return {"boundary_width": int(width), "gap_radius": GAP_RADIUS, "levels": DISTANCE_LEVELS}
+
+    def selection_metric(self) -> str:
+        chosen = self.select_on or ("dice" if self.head == "binary" else "objects")
+        if chosen not in ("dice", "objects"):
+            raise ValueError(f"select_on must be 'dice' or 'objects', got {chosen!r}")
+        return "dice_native" if chosen == "dice" or self.task not in ("glands", "nuclei") else "objects"
 
 
 # A NaN/inf loss skips its step (float16 autocast can overflow once); this many in a row stop the run.
@@ -171,7 +195,10 @@ class TileSampler:
             img01 = colour(as_float01(img), self.aug, rng)
             xs.append(normalize(img01 if self.in_channels == 3 else img01.mean(-1, keepdims=True),
                                 DEFAULT_NORMALIZATION))
-            ys.append(labels_to_target(msk, self.num_classes))
+            if self.cfg.head == "binary":
+                ys.append(labels_to_target(msk, self.num_classes))
+            else:
+                ys.append(instance_target(msk, self.cfg.head, **self.cfg.target_settings()))
             if self.cfg.gap_weight != 1.0:
                 ws.append(touching_gap_weights(msk, self.cfg.gap_radius, self.cfg.gap_weight))
         weights = torch.from_numpy(np.stack(ws)) if ws else None
@@ -197,7 +224,7 @@ def validate(model: torch.nn.Module, samples: list[Sample], cfg: TrainConfig, de
 
     from .metrics import pixel_scores, resize_nearest
     model.eval()
-    native, paper = [], []
+    native, paper, objects = [], [], []
     for s in samples:
         gt = s.mask > 0
         if cfg.protocol == "paper":
@@ -205,12 +232,78 @@ def validate(model: torch.nn.Module, samples: list[Sample], cfg: TrainConfig, de
             prob = predict_probabilities(model, img, 224, device)
             paper.append(pixel_scores(resize_nearest(gt), prob > threshold)["dice"])
             pred = resize(prob, gt.shape, order=1) > threshold
+        elif cfg.head != "binary" and cfg.task in ("glands", "nuclei"):
+            objects_score, pred = _object_validation(model, s, cfg, device)
+            objects.append(objects_score)
+            paper.append(pixel_scores(gt, pred, "paper")["dice"])
         else:
             pred = predict_probabilities(model, s.image, cfg.tile_size, device) > threshold
             paper.append(pixel_scores(gt, pred, "paper")["dice"])
         native.append(pixel_scores(gt, pred)["dice"])
     model.train()
-    return {"dice_native": float(np.mean(native)), "dice_paper_protocol": float(np.mean(paper))}
+    out = {"dice_native": float(np.mean(native)), "dice_paper_protocol": float(np.mean(paper))}
+    if objects:
+        out["objects"] = float(np.mean(objects))
+        out["objects_metric"] = "object_f1" if cfg.task == "glands" else "aji"
+    return out
+
+
+def _object_validation(model: torch.nn.Module, sample: Sample, cfg: TrainConfig,
+                       device: torch.device) -> tuple[float, np.ndarray]:
+    """(object F1 for glands / AJI for nuclei, predicted foreground) of an instance head with the
+    untuned default post-processing: for choosing the step, not for reporting."""
+    from .instances import InstanceMaker
+    from .metrics import aji, object_f1
+    card = ModelCard(architecture=getattr(model, "registry_name", "unet"),
+                     model_kwargs=dict(getattr(model, "config", {})), tile_size=cfg.tile_size,
+                     task=cfg.task, head=cfg.head,
+                     instance_params=INSTANCE_DEFAULTS[cfg.task] | MARKER_DEFAULTS)
+    maker = InstanceMaker(predict(model, sample.image, card, device=str(device)), card)
+    labels = maker.labels()
+    score = object_f1(sample.mask, labels).f1 if cfg.task == "glands" else aji(sample.mask, labels)
+    return float(score), labels > 0
+
+
+def warm_head_offsets(head: str) -> np.ndarray | None:
+    """Bias offsets of the foreground channels (1..K-1) when a binary parent's output convolution
+    starts an instance head: every foreground channel copies the parent's foreground logit, and the
+    offsets make 1 - P(background) equal the parent's sigmoid at step 0 (distance: the levels share
+    it evenly) or nearly so (three_class: the boundary starts 20x less likely than the interior).
+    The new head then starts from the parent's pixel quality and only has to learn the split."""
+    if head == "three_class":
+        return np.array([0.0, -3.0])
+    if head == "distance":
+        return np.full(DISTANCE_LEVELS, -math.log(DISTANCE_LEVELS))
+    return None
+
+
+def init_from(model: torch.nn.Module, checkpoint: str, architecture: str, head: str = "binary") -> list[str]:
+    """Load a parent checkpoint's weights into `model`. From a binary parent with another number
+    of output channels (a binary model starting a three-class one), every weight but the output
+    convolution is taken, and the output convolution is warm-started from the parent's
+    (`warm_head_offsets`) where the head allows it, else left freshly initialised. Returns the
+    names of the weights not taken from the parent as they were."""
+    from .checkpoints import load_checkpoint
+    parent, parent_card = load_checkpoint(checkpoint)
+    same_body = {k: v for k, v in parent_card.model_kwargs.items() if k != "num_classes"} == \
+        {k: v for k, v in model.config.items() if k != "num_classes"}
+    if parent_card.architecture != architecture or not same_body:
+        raise ValueError(f"--init checkpoint {checkpoint} is a {parent_card.architecture} with "
+                         f"{parent_card.model_kwargs}, not the requested {architecture} with {model.config}")
+    ours, theirs = model.state_dict(), parent.state_dict()
+    taken = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+    offsets = warm_head_offsets(head) if parent_card.num_classes == 1 else None
+    for k, v in theirs.items():
+        if k in taken or k not in ours or offsets is None or v.shape[0] != 1 \
+                or ours[k].shape[0] != len(offsets) + 1 or ours[k].shape[1:] != v.shape[1:]:
+            continue
+        warm = torch.zeros_like(ours[k])
+        warm[1:] = v.expand_as(warm[1:])
+        if v.ndim == 1:  # the bias: the offsets go there
+            warm[1:] += torch.as_tensor(offsets, dtype=warm.dtype)
+        taken[k] = warm
+    model.load_state_dict(taken, strict=False)
+    return sorted(set(ours) - set(k for k in taken if k in theirs and theirs[k].shape == ours[k].shape))
 
 
 def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
@@ -229,16 +322,18 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     if not train_names or not val_names:
         raise ValueError(f"{root} has {len(train_names) + len(val_names)} image/mask pair(s); training "
                          f"needs at least 2 (one is held out for validation)")
+    if not cfg.validate:
+        train_names, val_names = sorted(train_names + val_names), []
     train_samples, val_samples = load_samples(root, train_names), load_samples(root, val_names)
 
-    model = build_model(cfg.architecture, **cfg.model_kwargs).to(device)
+    check_head(cfg.head)
+    model_kwargs = dict(cfg.model_kwargs)
+    if cfg.head != "binary":
+        model_kwargs["num_classes"] = head_channels(cfg.head)
+    model = build_model(cfg.architecture, **model_kwargs).to(device)
+    reinitialised: list[str] = []
     if cfg.init:
-        from .checkpoints import load_checkpoint
-        parent, parent_card = load_checkpoint(cfg.init)
-        if parent_card.architecture != cfg.architecture or parent_card.model_kwargs != model.config:
-            raise ValueError(f"--init checkpoint {cfg.init} is a {parent_card.architecture} with "
-                             f"{parent_card.model_kwargs}, not the requested {cfg.architecture} with {model.config}")
-        model.load_state_dict(parent.state_dict())
+        reinitialised = init_from(model, cfg.init, cfg.architecture, cfg.head)
     in_ch = model.config["in_channels"]
     num_classes = model.config["num_classes"]
     sampler = TileSampler(train_samples, cfg, in_ch, num_classes)
@@ -274,19 +369,24 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         torch.manual_seed(cfg.seed + start)
 
     dataset_name = root.parent.name if root.name == "train" else root.name
-    instance_params = cfg.instance_params or INSTANCE_DEFAULTS.get(cfg.task, INSTANCE_DEFAULTS["semantic"])
+    instance_params = cfg.instance_params or (INSTANCE_DEFAULTS.get(cfg.task, INSTANCE_DEFAULTS["semantic"])
+                                              | (MARKER_DEFAULTS if cfg.head != "binary" else {}))
+    select_key = cfg.selection_metric()
 
     def write_best(metrics: dict, step: int) -> None:
         card = card_for(model, normalization=dict(DEFAULT_NORMALIZATION),
                         tile_size=224 if cfg.protocol == "paper" else cfg.tile_size,
-                        class_names=["foreground"] if num_classes == 1 else [f"class_{i}" for i in range(num_classes)],
-                        task=cfg.task, instance_params=dict(instance_params),
+                        class_names=CLASS_NAMES.get(cfg.head) or (
+                            ["foreground"] if num_classes == 1 else [f"class_{i}" for i in range(num_classes)]),
+                        task=cfg.task, head=cfg.head, instance_params=dict(instance_params),
                         trained_on=cfg.trained_on or f"{dataset_name} ({len(train_names)} training images)",
                         data_split={"dataset": dataset_name, "train": train_names, "validation": val_names,
                                     "rule": "seeded 20% validation, grouped by patient where known (src_models.data.split_names)"},
                         training={k: v for k, v in asdict(cfg).items() if k not in ("out",)} | {
                             "best_step": step, "device": device.type,
-                            "torch": torch.__version__},
+                            "torch": torch.__version__, "target": cfg.target_settings(),
+                            "selected_on": select_key,
+                            "init_reinitialised": reinitialised},
                         metrics={"validation": metrics},
                         parent=Path(cfg.init).name if cfg.init else None,
                         licence=LICENCES.get(dataset_name, ""))
@@ -336,9 +436,13 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             if non_finite_weights(model.state_dict()):
                 stopped = f"non-finite weights at step {step}"
                 break
+        if not cfg.validate and (step % cfg.val_every == 0 or step == cfg.steps):
+            best, best_metrics = float(step), {"step": step, "validated": False}
+            write_best(best_metrics, step)  # the latest weights: there is nothing to select on
+        elif step % cfg.val_every == 0 or step == cfg.steps:
             last_val = validate(model, val_samples, cfg, device) | {"step": step}
-            if last_val["dice_native"] > best:
-                best, best_metrics, bad = last_val["dice_native"], last_val, 0
+            if last_val.get(select_key, last_val["dice_native"]) > best:
+                best, best_metrics, bad = last_val.get(select_key, last_val["dice_native"]), last_val, 0
                 write_best(best_metrics, step)
             else:
                 bad += 1
@@ -362,8 +466,11 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     if best < 0 and stopped == "cancelled":  # cancelled before any validation: write nothing
         return {"checkpoint": None, "steps": step, "stopped": stopped, "best": {},
                 "minutes": (time.time() - t0) / 60, "loss_history": history}
-    if best < 0:  # stopped by the time budget before the first validation: keep what we have
-        best_metrics = validate(model, val_samples, cfg, device) | {"step": step}
+    if best < 0 or (not cfg.validate and best_metrics.get("step") != step):
+        # Stopped by the time budget before the first validation (keep what we have), or
+        # unvalidated weights newer than the last written.
+        best_metrics = (validate(model, val_samples, cfg, device) if cfg.validate
+                        else {"validated": False}) | {"step": step}
         write_best(best_metrics, step)
     return {"checkpoint": str(out), "steps": step, "stopped": stopped, "best": best_metrics,
             "minutes": (time.time() - t0) / 60, "loss_history": history}
