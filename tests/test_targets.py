@@ -109,7 +109,7 @@ def test_card_records_head_and_rejects_unknown_or_mismatched(tmp_path):
     assert (card_target(touching_pair(), card) == instance_target(touching_pair(), "three_class",
                                                                   boundary_width=3)).all()
     assert ModelCard.from_dict({"architecture": "unet", "model_kwargs": {}}).head == "binary"
-    with pytest.raises(CheckpointError, match="not one of"):
+    with pytest.raises(CheckpointError, match="hover"):
         ModelCard.from_dict({"architecture": "unet", "model_kwargs": {}, "head": "hover"})
     with pytest.raises(CheckpointError, match="needs 5 output channels"):
         ModelCard.from_dict({"architecture": "unet", "model_kwargs": {"num_classes": 3}, "head": "distance"})
