@@ -26,6 +26,7 @@ from .augment import flip_rot90
 from .finetune_check import (RegionScore, choose_postprocessing, region_probabilities, replay_crops,
                              score_region, score_replay, split_check)
 from .losses import dice_ce_loss, labels_to_target, touching_gap_weights
+from .targets import card_target, head_of
 from .preprocess import DEFAULT_NORMALIZATION, as_float01, normalize, to_channels
 
 # Parameter-name prefixes of each backbone's encoder (everything that sees the image before the DCA
@@ -162,10 +163,12 @@ class CorrectionSampler:
 
     def __init__(self, image: np.ndarray, labels: np.ndarray, valid: np.ndarray, tile_size: int,
                  in_channels: int, num_classes: int, normalization=None, gap_weight: float = 1.0,
-                 gap_radius: int = 6):
+                 gap_radius: int = 6, card=None):
         x = normalize(as_float01(to_channels(image, in_channels)), normalization or DEFAULT_NORMALIZATION)
         self.x = x                                   # (C, H, W) float32
-        self.target = labels_to_target(labels, num_classes)   # (H, W)
+        # An instance head (card.head) learns its own target: a separating stroke becomes boundary.
+        self.target = (card_target(labels, card) if head_of(card) != "binary"
+                       else labels_to_target(labels, num_classes))   # (H, W)
         # Only reviewed labels may shape the loss, weights included.
         self.weight = (touching_gap_weights(np.where(valid, labels, 0), gap_radius, gap_weight)
                        if gap_weight != 1.0 else np.ones(labels.shape, np.float32))
@@ -201,7 +204,7 @@ class ReplaySampler:
     valid, cut at the same crop size as the corrections so both stack into one batch."""
 
     def __init__(self, samples, crop: tuple[int, int], in_channels: int, num_classes: int,
-                 normalization=None, gap_weight: float = 1.0, gap_radius: int = 6):
+                 normalization=None, gap_weight: float = 1.0, gap_radius: int = 6, card=None):
         self.items = []
         for s in samples:
             image, mask = (s.image, s.mask) if hasattr(s, "image") else s
@@ -210,7 +213,7 @@ class ReplaySampler:
                 continue
             self.items.append(CorrectionSampler(image, mask, np.ones((h, w), bool), max(crop),
                                                 in_channels, num_classes, normalization, gap_weight,
-                                                gap_radius))
+                                                gap_radius, card))
             self.items[-1].crop = crop
         if not self.items:
             raise ValueError(f"no replay image is at least {crop} pixels")
@@ -332,7 +335,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     gap_radius = int(trained.get("gap_radius", 6))
     # Labels outside the trained-on part are zeroed before any target or weight is made from them.
     sampler = CorrectionSampler(image, np.where(train_valid, labels, 0), train_valid, tile, in_channels,
-                                num_classes, normalization, gap, gap_radius)
+                                num_classes, normalization, gap, gap_radius, card)
     if isinstance(replay, str):
         if replay != "auto":
             raise ValueError(f"replay must be 'auto', None or a list of samples, got {replay!r}")
@@ -340,7 +343,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     replay = [(s.image, s.mask) if hasattr(s, "image") else tuple(s) for s in (replay or [])]
     fits = [s for s in replay if s[1].shape[0] >= sampler.crop[0] and s[1].shape[1] >= sampler.crop[1]]
     replayer = (ReplaySampler(fits, sampler.crop, in_channels, num_classes, normalization, gap,
-                              gap_radius) if fits else None)
+                              gap_radius, card) if fits else None)
 
     new = copy.deepcopy(model)
     dev = next(new.parameters()).device

@@ -150,3 +150,27 @@ def test_training_a_three_class_head_from_a_binary_parent(tmp_path):
     _, card = load_checkpoint(tmp_path / "all.safetensors")
     assert card.data_split["validation"] == [] and len(card.data_split["train"]) == 6
     assert card.metrics["validation"]["validated"] is False
+
+
+def test_a_finetune_round_on_a_three_class_model_learns_its_target():
+    """Fine-tuning a three-class checkpoint on corrected instance labels trains the three-class
+    target (the labels' ids become interior / boundary, not class ids), end to end."""
+    from src_models import build_model
+    from src_models.checkpoints import card_for
+    from src_models.finetune import CorrectionSampler, finetune
+    from src_models.inference import predict_full
+    torch.manual_seed(0)
+    model = build_model("unet", width=0.125, num_classes=3).eval()
+    card = card_for(model, task="nuclei", head="three_class", tile_size=32,
+                    training={"target": {"boundary_width": 1}})
+    labels = np.zeros((48, 48), np.int32)
+    labels[8:20, 8:20], labels[8:20, 20:32] = 1, 2        # a stroke split one object in two
+    image = np.full((48, 48, 3), 230, np.uint8)
+    image[labels > 0] = (90, 40, 130)
+    sampler = CorrectionSampler(image, labels, np.ones(labels.shape, bool), 32, 3, 3, card=card)
+    assert set(np.unique(sampler.target)) == {0, 1, 2} and (sampler.target[8:20, 19:21] == 2).all()
+    result = finetune(model, image, labels, steps=3, card=card, tile_size=32, replay=None)
+    assert result.steps_done == 3 and all(np.isfinite(result.loss_history))
+    prob = predict_full(result.model, image, card)
+    assert prob.shape == (3, 48, 48)
+    assert InstanceMaker(prob, card).labels().shape == labels.shape
