@@ -29,7 +29,7 @@ WEIRD = [None, True, False, 0, 1, -1, 2, 3, 7, 16, 255, 256, 10 ** 6, 10 ** 12, 
          {"mean": [0.5] * 3, "std": [0.2] * 3}, {"threshold": 2}, {"train": 5}, {"x": {"y": {"z": []}}}]
 
 def mutate(card):
-    keys = list(card) + ["head", "unknown_field"]
+    keys = list(dict.fromkeys(list(card) + ["head", "unknown_field"]))  # "head" once, card field or not
     key = rng.choice(keys)
     if key == "model_kwargs" and rng.random() < 0.8:
         kw = dict(card["model_kwargs"])
