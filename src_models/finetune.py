@@ -26,7 +26,7 @@ from .augment import flip_rot90
 from .finetune_check import (RegionScore, choose_postprocessing, region_probabilities, replay_crops,
                              score_region, score_replay, split_check)
 from .losses import dice_ce_loss, labels_to_target, touching_gap_weights
-from .targets import card_target, head_of
+from .targets import HEADS, card_target, head_channels, head_of
 from .preprocess import DEFAULT_NORMALIZATION, as_float01, normalize, to_channels
 
 # Parameter-name prefixes of each backbone's encoder (everything that sees the image before the DCA
@@ -313,14 +313,13 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
         raise ValueError("the corrections contain no labelled object in the reviewed region: label at "
                          "least one object (fine-tuning on background alone would teach the model "
                          "to predict nothing)")
-    head = str(getattr(card, "head", None) or (card.get("head") if isinstance(card, dict) else None)
-               or "binary")
-    if head != "binary":
-        # The target of an instance-aware head (three_class, distance) comes from the shared
-        # instance_target of the training code; until a round is wired to it, training such a head
-        # on a foreground mask would silently teach it the wrong thing.
-        raise ValueError(f"fine-tuning a model with a {head!r} head is not supported yet: only "
-                         f"'binary' (foreground) heads can be fine-tuned")
+    head = head_of(card)
+    channels = int((getattr(model, "config", None) or {}).get("num_classes", 1))
+    if head not in HEADS or (head != "binary" and channels != head_channels(head)):
+        # An instance head learns targets.card_target of the corrections (see CorrectionSampler);
+        # a card whose head does not fit the model would teach it the wrong thing.
+        raise ValueError(f"cannot fine-tune: the card's head {head!r} does not fit this model "
+                         f"({channels} output channel(s); heads: {HEADS})")
     corrections = describe_corrections(image, labels, valid, region)
     check = split_check(valid, labels, check_fraction)
     train_valid = valid & ~check

@@ -115,4 +115,4 @@ def test_bundled_defaults_load_by_name():
         model, card = load_checkpoint(name)
         assert card.task == name and card.metrics and card.licence
         with torch.no_grad():
-            assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+            assert model(torch.zeros(1, 3, 64, 64)).shape == (1, card.num_classes, 64, 64)
