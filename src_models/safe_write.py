@@ -141,3 +141,28 @@ def write_bytes_atomic(path: str | Path, data: bytes, **kwargs) -> Path:
 
 def write_text_atomic(path: str | Path, text: str, **kwargs) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), **kwargs)
+
+
+class PartialFile:
+    """A text file written bit by bit (memory does not grow with what is written) at a temporary
+    name beside `path`; commit() fsyncs it and moves it into place, abort() removes it. The same
+    checks and rename as write_atomic, for writers that stream."""
+
+    def __init__(self, path: str | Path, *, newline: str | None = None):
+        self.path = check_output_path(path)
+        remove_stale_partials(self.path)
+        self.tmp = partial_name(self.path)
+        self.file = open(self.tmp, "w", newline=newline, encoding="utf-8")
+
+    def commit(self) -> Path:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        check_output_path(self.path)
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)

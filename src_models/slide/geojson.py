@@ -17,7 +17,6 @@ slower) traces one mask.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
@@ -102,10 +101,9 @@ class GeoJSONWriter:
     temporary file renamed to `path` by close()."""
 
     def __init__(self, path: str | Path):
-        from ..safe_write import check_output_path, partial_name
-        self.path = check_output_path(path)
-        self.tmp = partial_name(self.path)
-        self.file = open(self.tmp, "w", encoding="utf-8")
+        from ..safe_write import PartialFile
+        self.partial = PartialFile(path)
+        self.path, self.file = self.partial.path, self.partial.file
         self.file.write('{"type": "FeatureCollection", "features": [\n')
         self.count = 0
 
@@ -117,15 +115,10 @@ class GeoJSONWriter:
 
     def close(self) -> Path:
         self.file.write("\n]}\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
-        return self.path
+        return self.partial.commit()
 
     def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        self.partial.abort()
 
 
 def labels_to_geojson(labels: np.ndarray, path: str | Path, class_name: str = "Nucleus",

@@ -14,7 +14,6 @@ length over all orientations (Crofton); within a few % of skimage's perimeter fo
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +110,9 @@ class ObjectTableWriter:
     """CSV rows written as they come, into a temporary file renamed by close()."""
 
     def __init__(self, path: str | Path):
-        from ..safe_write import check_output_path, partial_name
-        self.path = check_output_path(path)
-        self.tmp = partial_name(self.path)
-        self.file = open(self.tmp, "w", newline="", encoding="utf-8")
+        from ..safe_write import PartialFile
+        self.partial = PartialFile(path, newline="")
+        self.path, self.file = self.partial.path, self.partial.file
         self.writer = csv.writer(self.file)
         self.writer.writerow(COLUMNS)
         self.count = 0
@@ -128,15 +126,10 @@ class ObjectTableWriter:
         self.count += 1
 
     def close(self) -> Path:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
-        return self.path
+        return self.partial.commit()
 
     def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        self.partial.abort()
 
 
 def read_table(path: str | Path) -> list[dict[str, str]]:
