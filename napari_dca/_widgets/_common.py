@@ -188,6 +188,23 @@ class worker_threads:
         return False
 
 
+class Connections:
+    """Signal/slot pairs a widget connects when it is made and lets go when it goes: the shared
+    state and the viewer outlive every widget, and a slot of a deleted widget must not fire."""
+
+    def __init__(self, pairs):
+        self.pairs = tuple(pairs)
+        for signal, slot in self.pairs:
+            signal.connect(slot)
+
+    def disconnect(self, *_):
+        for signal, slot in self.pairs:
+            try:
+                signal.disconnect(slot)
+            except Exception:  # already gone with the viewer
+                pass
+
+
 class LayerCombo(QComboBox):
     """A combo box of the viewer's layers of some kinds, kept in sync with the layer list.
 
@@ -205,21 +222,12 @@ class LayerCombo(QComboBox):
         self.exclude_roles = exclude_roles
         self.follow_new = follow_new
         self._layers: list = []
-        self._events = ((viewer.layers.events.inserted, self._on_inserted),
-                        (viewer.layers.events.removed, self.refresh),
-                        (viewer.layers.events.moved, self.refresh),
-                        (viewer.layers.events, self._on_layer_event))
-        for event, slot in self._events:
-            event.connect(slot)
-        self.destroyed.connect(self._disconnect)
+        self._events = Connections([(viewer.layers.events.inserted, self._on_inserted),
+                                    (viewer.layers.events.removed, self.refresh),
+                                    (viewer.layers.events.moved, self.refresh),
+                                    (viewer.layers.events, self._on_layer_event)])
+        self.destroyed.connect(self._events.disconnect)
         self.refresh()
-
-    def _disconnect(self, *_):
-        for event, slot in self._events:
-            try:
-                event.disconnect(slot)
-            except Exception:  # already gone with the viewer
-                pass
 
     def _accept(self, layer) -> bool:
         if not isinstance(layer, self.kinds):

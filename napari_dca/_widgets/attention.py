@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QPushButt
                             QVBoxLayout, QWidget)
 from superqt import QCollapsible
 
-from ._common import (OWNER_KEY, LayerCombo, UserError, add_layer_keeping_selection, alive,
+from ._common import (Connections, OWNER_KEY, LayerCombo, UserError, add_layer_keeping_selection, alive,
                       check_channels, check_image, find_owned_layer, image_by_key, image_key,
                       layer_region, owned_metadata, show_error)
 from ._jobs import JobPanel
@@ -180,20 +180,14 @@ class AttentionWidget(QWidget):
         self.pick.toggled.connect(lambda *_: self._update_callbacks())
         self.follow.toggled.connect(lambda *_: self._update_callbacks())
         self.jobs.finished.connect(self._after_job)
-        self._connections = [(self.state.events.model, self._on_model),
-                             (self.state.events.version, self._on_model)]
-        for signal, slot in self._connections:
-            signal.connect(slot)
+        self._connections = Connections([(self.state.events.model, self._on_model),
+                                         (self.state.events.version, self._on_model)])
         self.destroyed.connect(lambda *_: self._teardown())
         self._on_model()
 
     def _teardown(self):
         self._remove_callbacks()
-        for signal, slot in self._connections:
-            try:
-                signal.disconnect(slot)
-            except Exception:
-                pass
+        self._connections.disconnect()
 
     # --- model / choices -------------------------------------------------------------------------
     def _on_model(self, *_):

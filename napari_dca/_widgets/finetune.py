@@ -13,7 +13,7 @@ from napari.layers import Image, Labels, Shapes
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
                             QLabel, QPushButton, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
 
-from ._common import (LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
+from ._common import (Connections, LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
                       check_image, find_owned_layer, image_by_key, image_key, is_edited,
                       owned_metadata, owner, show_error, show_info)
 from ._jobs import JobPanel
@@ -224,19 +224,13 @@ class FinetuneWidget(QWidget):
         self.train.currentIndexChanged.connect(lambda *_: remember("finetune/train", self.train.currentData()))
         self.image.currentIndexChanged.connect(lambda *_: self.suggest_labels())
         viewer.layers.events.inserted.connect(self._on_layer_added)
-        self._connections = [(self.state.events.model, self._on_model),
-                             (self.state.events.jobs, self._on_busy)]
-        for signal, slot in self._connections:
-            signal.connect(slot)
+        self._connections = Connections([(self.state.events.model, self._on_model),
+                                         (self.state.events.jobs, self._on_busy)])
         self.destroyed.connect(lambda *_: self._disconnect())
         self.suggest_labels()
 
     def _disconnect(self):
-        for signal, slot in self._connections:
-            try:
-                signal.disconnect(slot)
-            except Exception:
-                pass
+        self._connections.disconnect()
         try:
             self.viewer.layers.events.inserted.disconnect(self._on_layer_added)
         except Exception:

@@ -9,7 +9,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
                             QPushButton, QSizePolicy, QVBoxLayout, QWidget)
 
-from ._common import alive, available_devices, resolve_device, show_error, show_info
+from ._common import Connections, alive, available_devices, resolve_device, show_error, show_info
 from ._jobs import JobPanel
 from ._layout import scrolling
 from ._state import add_recent_checkpoint, get_state, recent_checkpoints, remember, remembered
@@ -85,25 +85,16 @@ class ModelWidget(QWidget):
         self.browse.clicked.connect(self._on_browse)
         self.load_button.clicked.connect(self.load)
         self.device.currentIndexChanged.connect(self._on_device)
-        self._connections = [(self.state.events.model, self._show_card),
-                             (self.state.events.version, self._show_card),
-                             (self.state.events.checkpoint, self._show_card),
-                             (self.state.events.saved, self._show_card),
-                             (self.state.events.device, self._show_device),
-                             (self.state.events.jobs, self._on_busy)]
-        for signal, slot in self._connections:
-            signal.connect(slot)
-        self.destroyed.connect(lambda *_: self._disconnect())
+        self._connections = Connections([(self.state.events.model, self._show_card),
+                                         (self.state.events.version, self._show_card),
+                                         (self.state.events.checkpoint, self._show_card),
+                                         (self.state.events.saved, self._show_card),
+                                         (self.state.events.device, self._show_device),
+                                         (self.state.events.jobs, self._on_busy)])
+        self.destroyed.connect(self._connections.disconnect)
         self._on_checkpoint_choice()
         if self.state.model is not None:
             self._show_card()
-
-    def _disconnect(self):
-        for signal, slot in self._connections:
-            try:
-                signal.disconnect(slot)
-            except Exception:
-                pass
 
     def _on_busy(self, *_):
         if not alive(self):

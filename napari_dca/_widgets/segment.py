@@ -22,7 +22,7 @@ from superqt import QLabeledDoubleSlider
 
 from src_models.runtime_onnx import default_runtime
 
-from ._common import (LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
+from ._common import (Connections, LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
                       check_image, find_owned_layer, find_owned_layers, image_by_key, image_key,
                       is_edited, layer_region, owned_metadata, owner, show_error, track_edits)
 from ._jobs import JobPanel
@@ -232,12 +232,10 @@ class SegmentWidget(QWidget):
         self.show_probabilities.toggled.connect(lambda on: remember("segment/probabilities", on))
         self.run_button.clicked.connect(self.run)
         self.image.currentIndexChanged.connect(self._sync_controls)
-        self._connections = [(self.state.events.model, self._on_model),
-                             (self.state.events.jobs, self._on_busy),
-                             (self.state.results.changed, self._on_results)]
-        for signal, slot in self._connections:
-            signal.connect(slot)
-        self.destroyed.connect(lambda *_: self._disconnect())
+        self._connections = Connections([(self.state.events.model, self._on_model),
+                                         (self.state.events.jobs, self._on_busy),
+                                         (self.state.results.changed, self._on_results)])
+        self.destroyed.connect(self._connections.disconnect)
         self._on_model()
         self._on_busy()
         self._add_shortcuts()
@@ -303,13 +301,6 @@ class SegmentWidget(QWidget):
             visible = not any(l.visible for l in mine)
             for l in mine:
                 l.visible = visible
-
-    def _disconnect(self):
-        for signal, slot in self._connections:
-            try:
-                signal.disconnect(slot)
-            except Exception:
-                pass
 
     # --- what the controls show ------------------------------------------------------------------
     def selected_result(self) -> SegmentResult | None:
