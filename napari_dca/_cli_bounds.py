@@ -25,3 +25,22 @@ def bounded_int(option: str, value: int, low: int | None, high: int | None, why:
         return high
     check_range(option, value, low, high, why)
     return int(value)
+
+
+MAX_INFERENCE_TILE = 4096   # a 4096 px tile of a light model already needs ~1 GB of activations
+
+
+def check_inference_options(args) -> None:
+    """The bounds of the options `segment` and `evaluate` share (--tile, --threshold, --min-size,
+    --threads); clamps --tile and --threads in `args`, ValueError for the rest."""
+    import os
+    if args.tile is not None:
+        args.tile = bounded_int("--tile", args.tile, 32, MAX_INFERENCE_TILE,
+                                "the model needs 32 px of context; larger tiles only use more memory")
+    if args.threshold is not None:
+        check_range("--threshold", args.threshold, 0.0, 1.0, "it is a probability")
+    if args.min_size is not None:
+        bounded_int("--min-size", args.min_size, 0, None, "it is a number of pixels")
+    if args.threads is not None:
+        args.threads = bounded_int("--threads", args.threads, 1, os.cpu_count() or 1,
+                                   "torch cannot use more threads than CPUs usefully", clamp_high=True)

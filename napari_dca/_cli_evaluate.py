@@ -68,19 +68,8 @@ def _check_folders(args) -> None:
 
 
 def _check_options(args) -> None:
-    import os
-
-    from ._cli_bounds import bounded_int, check_range
-    if args.tile is not None:
-        args.tile = bounded_int("--tile", args.tile, 32, 4096,
-                                "the model needs 32 px of context; larger tiles only use more memory")
-    if args.threshold is not None:
-        check_range("--threshold", args.threshold, 0.0, 1.0, "it is a probability")
-    if args.min_size is not None:
-        bounded_int("--min-size", args.min_size, 0, None, "it is a number of pixels")
-    if args.threads is not None:
-        args.threads = bounded_int("--threads", args.threads, 1, os.cpu_count() or 1,
-                                   "torch cannot use more threads than CPUs usefully", clamp_high=True)
+    from ._cli_bounds import check_inference_options
+    check_inference_options(args)
 
 
 def run(args) -> int:

@@ -6,14 +6,12 @@ The command line only parses and reports: which files to write and whether to sk
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-from ._cli_bounds import bounded_int, check_range
+from ._cli_bounds import MAX_INFERENCE_TILE as MAX_TILE, bounded_int, check_inference_options, check_range
 
-MAX_TILE = 4096        # a 4096 px tile of a light model already needs ~1 GB of activations
 MAX_BATCH = 64
 
 
@@ -85,16 +83,7 @@ def check_options(args) -> None:
                 "tiles sharing more than 90% multiply the work by over 100")
     args.batch_size = bounded_int("--batch-size", args.batch_size, 1, MAX_BATCH,
                                   "larger batches only use more memory")
-    if args.tile is not None:
-        args.tile = bounded_int("--tile", args.tile, 32, MAX_TILE,
-                                "the model needs 32 px of context; larger tiles only use more memory")
-    if args.threshold is not None:
-        check_range("--threshold", args.threshold, 0.0, 1.0, "it is a probability")
-    if args.min_size is not None:
-        bounded_int("--min-size", args.min_size, 0, None, "it is a number of pixels")
-    if args.threads is not None:
-        args.threads = bounded_int("--threads", args.threads, 1, os.cpu_count() or 1,
-                                   "torch cannot use more threads than CPUs usefully", clamp_high=True)
+    check_inference_options(args)
 
 
 def run(args) -> int:
