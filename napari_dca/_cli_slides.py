@@ -52,7 +52,14 @@ def _options(args, mode: str) -> dict:
             "tile_size": args.tile, "overlap": args.overlap, "batch_size": args.batch_size,
             "tta": args.tta, "tissue": not args.no_tissue, "chunk": chunk,
             "geojson": not args.no_geojson, "table": not args.no_table,
-            "checkpoint_name": str(args.checkpoint)}
+            "checkpoint_name": str(args.checkpoint), "runtime": _runtime(args)}
+
+
+def _runtime(args) -> str:
+    """--runtime as `segment` resolved it (auto -> onnx on a CPU with ONNX Runtime), so every
+    worker runs what a plain image would; each worker then makes or reuses the cached graph."""
+    from src_models.runtime_onnx import default_runtime
+    return getattr(args, "runtime", None) or default_runtime()
 
 
 def segment_slides(slides, args, mode: str, model=None, card=None) -> list[Path]:

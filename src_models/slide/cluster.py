@@ -3,7 +3,8 @@ existing cluster (`scheduler="tcp://host:8786"`, e.g. one started by dask-jobque
 the dask Kubernetes operator; see the README).
 
 Each task runs `pipeline.segment_slide` on its worker (the model is loaded once per worker process
-and reused). Tasks are idempotent: a slide whose outputs all exist is reported as done without
+and reused; with options["runtime"] "onnx" / "auto" each worker runs the exported graph, made once
+for all of them through the shared cache, see runtime.py). Tasks are idempotent: a slide whose outputs all exist is reported as done without
 work, and a slide whose worker died mid-run is retried (`retries`) and resumes from its completed
 chunks (the pipeline's run folder). A slide that fails is reported with its error; the others go on.
 

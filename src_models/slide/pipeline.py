@@ -27,6 +27,7 @@ from ..chunked_instances import (DEFAULT_CHUNK, DEFAULT_MARGIN, ChunkGrid, Chunk
 from .geojson import CLASS_COLOURS, GeoJSONWriter, feature, object_uuid, window_polygons
 from .object_table import ObjectTableWriter, measure_window
 from .reader import Slide, open_slide
+from .runtime import slide_runner
 from .tissue import TissueMask, slide_tissue
 from .zarr_labels import LabelPyramidWriter, open_labels, pyramid_levels
 
@@ -51,13 +52,17 @@ class SlideResult:
     seconds: float
     shape: tuple[int, int]
     stages: dict | None = None     # seconds per stage: tissue, segment, write, objects
+    runtime: str = "torch"          # what ran the model: torch, onnx (exported / cached graph)
+    chunks_resumed: int = 0         # cores found complete from an earlier, interrupted run
 
     def summary(self) -> str:
         area = (f"{self.tissue_mm2:.2f} mm²" if self.tissue_mm2 is not None
                 else f"{self.tissue_megapixels:.1f} MP")
         return (f"{self.slide.name}: {self.n_objects} objects, tissue {area} "
                 f"({self.tissue_fraction:.0%} of {self.shape[0]}x{self.shape[1]}), "
-                f"{self.chunks_segmented}/{self.chunks} chunks segmented, {self.seconds:.1f} s"
+                f"{self.chunks_segmented}/{self.chunks} chunks segmented"
+                + (f" ({self.chunks_resumed} from an earlier run)" if self.chunks_resumed else "")
+                + f", {self.runtime}, {self.seconds:.1f} s"
                 + (" (" + ", ".join(f"{k} {v:.0f} s" for k, v in self.stages.items()) + ")"
                    if self.stages else "")
                 + f" -> {self.labels}")
@@ -102,14 +107,17 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
                   tta: bool = False, tissue: bool = True, chunk: int = DEFAULT_CHUNK,
                   margin: int = DEFAULT_MARGIN, geojson: bool = True, table: bool = True,
                   progress: SlideProgress | None = None, cancel: Callable[[], bool] | None = None,
-                  runner: Any = None, checkpoint_name: str | None = None) -> SlideResult:
+                  runner: Any = None, checkpoint_name: str | None = None,
+                  runtime: str = "torch") -> SlideResult:
     """Segments one slide (any format open_slide reads) into `out_dir`; see the module docstring.
 
     mode / threshold / min_size: post-processing (default: the checkpoint's card). tissue: find
     the tissue first and segment only chunks touching it (False: every chunk). chunk: core size
     in level-0 pixels (a multiple of 64 so the label pyramid's levels align). margin: context
-    around each core for the instance step (larger than the largest nucleus)."""
-    from ..inference import ModelRunner, card_value, predict, select_device
+    around each core for the instance step (larger than the largest nucleus). runtime: "torch",
+    "onnx" or "auto" (runtime_onnx; the exported graph is made once per process and shared
+    through the cache, see slide/runtime.py); ignored when a `runner` is given."""
+    from ..inference import card_value, predict
     from ..instances import InstanceParams, probabilities_to_labels
 
     start = time.perf_counter()
@@ -122,7 +130,11 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
     params = InstanceParams.from_card(card, **settings)
     rule = rule_for(params)
     if runner is None:
-        runner = ModelRunner(model, select_device(device), tta=tta, max_batch=batch_size)
+        runner, graph = slide_runner(model, card, device=device, runtime=runtime, tta=tta,
+                                     batch_size=batch_size, tile_size=tile_size)
+    else:
+        graph = "onnx" if runner.runtime == "onnx" else "torch"
+    ran_with = graph if graph.startswith("torch") else f"onnx ({graph} graph)"
 
     stages: dict[str, float] = {}
     clock = [time.perf_counter()]
@@ -148,10 +160,14 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
                      "rule": rule, "params": {k: getattr(params, k) for k in
                                               params.__dataclass_fields__},
                      "tile": tile_size, "overlap": overlap, "tissue": bool(tissue),
+                     # torch and the graph agree within 1e-4, not bit for bit: a resumed run
+                     # keeps the runtime its completed chunks were made with
+                     "runtime": "onnx" if runner.runtime == "onnx" else "torch",
                      "checkpoint": checkpoint_name or card_value(card, "architecture", "")}
         work = _open_work(paths["run"], (h, w), chunk, signature)
         log = ChunkLog(paths["run"] / "chunks", signature)
-        eta = _Eta(to_segment)
+        resumed = sum(1 for r in log.records.values() if not r.skipped)
+        eta = _Eta(to_segment - resumed)
 
         def predict_box(y0, y1, x0, x1):
             return predict(model, slide.levels[0], card, tile_size=tile_size, overlap=overlap,
@@ -175,7 +191,7 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
 
         def on_core(done, total):
             if progress is not None:
-                segmented = sum(1 for r in log.records.values() if not r.skipped)
+                segmented = sum(1 for r in log.records.values() if not r.skipped) - resumed
                 progress("segment", done, total, eta.tick(segmented))
 
         result = label_cores(prob_for, label_fn, work, grid, rule, include=include, log=log,
@@ -211,7 +227,7 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
     return SlideResult(Path(path), paths["labels"], wrote_geojson, wrote_table, result.n_objects,
                        fraction, None if tissue_um2 is None else tissue_um2 / 1e6,
                        tissue_px / 1e6, len(cores), result.cores - result.skipped,
-                       time.perf_counter() - start, shape, stages)
+                       time.perf_counter() - start, shape, stages, ran_with, resumed)
 
 
 def _power_of_two_levels(chunk: int) -> int:
