@@ -88,13 +88,35 @@ def segment_slides(slides, args, mode: str, model=None, card=None) -> list[Path]
     start = time.perf_counter()
     outcomes = run_slides(todo, args.out, str(args.checkpoint), options, scheduler=args.scheduler,
                           workers=workers, overwrite=args.overwrite,
-                          report=lambda o: print(o.summary, file=sys.stdout if o.status != "failed"
-                                                 else sys.stderr, flush=True))
+                          report=BatchReport(len(todo), quiet=args.quiet))
     done = [o for o in outcomes if o.status == "done"]
     hours = (time.perf_counter() - start) / 3600
     print(f"{len(done)} of {len(todo)} slides in {hours * 3600:.0f} s "
           f"({len(done) / hours if hours else 0:.1f} slides/hour)", file=sys.stderr)
     return [o.slide for o in outcomes if o.status == "failed"]
+
+
+class BatchReport:
+    """Called with each slide's outcome as the cluster finishes it: prints its summary line
+    (stdout; failures to stderr), then how many slides are done and roughly how long the rest
+    will take (the mean time per finished slide so far times the slides left, spread over the
+    workers as they ran: a rough figure when slides differ in size)."""
+
+    def __init__(self, total: int, quiet: bool = False, clock=time.perf_counter):
+        self.total, self.quiet, self.clock = total, quiet, clock
+        self.start, self.finished = clock(), 0
+
+    def __call__(self, outcome) -> str | None:
+        print(outcome.summary, file=sys.stdout if outcome.status != "failed" else sys.stderr,
+              flush=True)
+        self.finished += 1
+        left = self.total - self.finished
+        if self.quiet or not left:
+            return None
+        per = (self.clock() - self.start) / self.finished
+        line = f"{self.finished} of {self.total} slides finished, ~{per * left:.0f} s left"
+        print(line, file=sys.stderr, flush=True)
+        return line
 
 
 def _in_process(slides, args, options, model, card) -> list[Path]:

@@ -144,3 +144,35 @@ def test_instance_maker_sends_large_images_through_the_chunked_step(monkeypatch)
     assert labels[150, 2040] == labels[150, 2056] > 0      # one nucleus across x = 2048
     stack = InstanceMaker(np.stack([prob, prob]), {"task": "glands"}, stack=True).labels()
     assert stack[0].max() == 3 and stack[1].max() == 6     # ids unique across planes
+
+
+class _DiesBeforeRecording(ChunkLog):
+    """A log whose process 'dies' (raises) after the `after`-th core was written into the work
+    array but before that core's record reached the disk: the retried core must rewrite the same
+    result over what it left."""
+
+    def __init__(self, folder, after):
+        super().__init__(folder)
+        self.after = after
+
+    def add(self, record):
+        if len(self.records) + 1 == self.after:
+            raise SystemExit("worker lost")
+        super().add(record)
+
+
+@pytest.mark.parametrize("rule,fn", [("own", nuclei_fn), ("join", glands_fn)])
+@pytest.mark.parametrize("after", [2, 5])
+def test_a_core_retried_after_its_write_rewrites_the_same_result(tmp_path, rule, fn, after):
+    prob = discs((192, 192), STRADDLING)
+    grid = ChunkGrid(192, 192, CHUNK, MARGIN)
+    source = lambda y0, y1, x0, x1: prob[y0:y1, x0:x1]   # noqa: E731
+    reference = np.zeros(prob.shape, np.int32)
+    ref = label_cores(source, fn, reference, grid, rule)
+    work = np.zeros(prob.shape, np.int32)
+    with pytest.raises(SystemExit):
+        label_cores(source, fn, work, grid, rule, log=_DiesBeforeRecording(tmp_path / "log", after))
+    assert len(ChunkLog(tmp_path / "log").records) == after - 1 and work.any()
+    resumed = label_cores(source, fn, work, grid, rule, log=ChunkLog(tmp_path / "log"))
+    assert np.array_equal(work, reference)
+    assert resumed.n_objects == ref.n_objects and np.array_equal(resumed.boxes, ref.boxes)

@@ -26,3 +26,20 @@ def test_segment_cli_runs_slides_through_the_slide_pipeline(tmp_path, monkeypatc
     assert not any(p.name.startswith(".") for p in out.iterdir())   # no work folder left
     code = cli.main(["segment", str(folder / "case.svs"), "-o", str(out), "--quiet"])
     assert code == 0 and "already done" in capsys.readouterr().err
+
+
+def test_batch_report_prints_each_slide_and_the_time_left(capsys):
+    from napari_dca._cli_slides import BatchReport
+    from src_models.slide.cluster import SlideOutcome
+    now = [100.0]
+    report = BatchReport(3, clock=lambda: now[0])
+    now[0] = 110.0
+    assert report(SlideOutcome("a.svs", "done", "a.svs: 5 objects")) == \
+        "1 of 3 slides finished, ~20 s left"
+    now[0] = 120.0
+    assert report(SlideOutcome("b.svs", "failed", "b.svs: failed: bad file")) == \
+        "2 of 3 slides finished, ~10 s left"
+    assert report(SlideOutcome("c.svs", "done", "c.svs: 7 objects")) is None   # nothing left
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["a.svs: 5 objects", "c.svs: 7 objects"]
+    assert "b.svs: failed: bad file" in captured.err and "~10 s left" in captured.err

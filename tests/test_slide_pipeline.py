@@ -164,3 +164,27 @@ def test_napari_opens_the_label_pyramid_aligned_with_its_slide(finished, small_s
     [(levels, kwargs, kind)] = read_label_pyramid(str(path))
     assert kind == "labels" and kwargs["multiscale"] and kwargs["scale"] == (0.5, 0.5)
     assert levels[0].shape == (1024, 1536) and int(levels[0].max()) == result.n_objects
+
+
+def test_progress_reports_time_left_and_resumed_chunks(small_slide, tmp_path):
+    seen = []
+    calls = {"n": 0}
+
+    def stop_after_ten():
+        calls["n"] += 1
+        return calls["n"] > 10
+    with pytest.raises(InterruptedError):
+        run(small_slide[0], tmp_path, cancel=stop_after_ten, geojson=False, table=False)
+    result = run(small_slide[0], tmp_path, geojson=False, table=True,
+                 progress=lambda *a: seen.append(a))
+    segment = [s for s in seen if s[0] == "segment"]
+    # the resumed run counts on from the ten cores the first one completed
+    assert [s[1] for s in segment] == list(range(11, result.chunks + 1))
+    assert all(s[2] == result.chunks for s in segment)
+    left = [s[3] for s in segment if s[3] is not None]
+    assert left and left[-1] == 0 and all(v >= 0 for v in left)
+    assert {"write", "measure"} <= {s[0] for s in seen}
+    assert 0 < result.chunks_resumed < result.chunks_segmented
+    line = result.summary()
+    assert f"({result.chunks_resumed} from an earlier run)" in line and "tissue" in line
+    assert line.count("\n") == 0 and f"{result.n_objects} objects" in line
