@@ -75,7 +75,9 @@ def main() -> int:
     root = DATA / args.dataset / "train"
     name = args.checkpoint or task
     model, card = load_checkpoint(name)
-    model_id = f"{name} (card created {card.created}, weights sha256 {weights_hash(resolve_checkpoint(name))})"
+    model_id = (f"{name} (card created {card.created}, head {card.head or 'binary'}, weights sha256 "
+                f"{weights_hash(resolve_checkpoint(name))})")
+    load_start = os.getloadavg()
     val = list((card.data_split or {}).get("validation") or [])
     if args.images and args.images.isdigit():
         val = val[:int(args.images)]
@@ -90,7 +92,7 @@ def main() -> int:
     rows = []
     head = ["image", "objects L/R", f"before R {metric}", f"after R {metric}", "change",
             f"trained R {metric}", "kept", "held-back objects matched (before -> after)",
-            "round s (wall)", "round CPU s", "why"]
+            "round s (wall)", "round CPU s", "of which check s (wall)", "why"]
 
     def write() -> None:
         kept = [r for r in rows if r["kept"]]
@@ -100,15 +102,18 @@ def main() -> int:
                  f"right half scored", "",
                  f"Command: `{command}`  ", f"Model: {model_id}  ",
                  f"Engine defaults{(' except ' + json.dumps(overrides)) if overrides else ''}; "
-                 f"CPU, {args.threads} thread(s); load average at the end "
-                 f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine: wall "
-                 f"times include waiting for the CPU, CPU seconds do not).", "",
+                 f"CPU, {args.threads} thread(s); load average (1, 5, 15 min) at the start "
+                 f"{', '.join(f'{v:.1f}' for v in load_start)}, at the end "
+                 f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} cores (a shared "
+                 f"machine: wall times include waiting for the CPU, CPU seconds do not; the first "
+                 f"round also pays torch's one-time optimizer import).", "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             lines.append("| " + " | ".join([
                 r["image"], r["objects"], f"{r['before']:.3f}", f"{r['after']:.3f}",
                 f"{r['after'] - r['before']:+.3f}", f"{r['trained']:.3f}", "yes" if r["kept"] else "no",
-                r["matched"], f"{r['seconds']:.1f}", f"{r['cpu']:.1f}", r["reason"]]) + " |")
+                r["matched"], f"{r['seconds']:.1f}", f"{r['cpu']:.1f}", f"{r['check_seconds']:.1f}",
+                r["reason"]]) + " |")
         if rows:
             lines += ["", f"Images: {len(rows)}; rounds kept: {len(kept)}; mean change of the "
                       f"unseen-half {metric}: {np.mean(changes):+.4f} (goal >= +0.03: "
@@ -147,6 +152,8 @@ def main() -> int:
             "kept": res.kept, "reason": res.reason, "summary": res.summary,
             "matched": f"{b.matched} -> {a.matched} of {b.objects}" if b and a else "",
             "seconds": seconds, "cpu": cpu, "steps": res.steps_done,
+            "check_seconds": float(res.corrections.get("check_seconds") or 0.0),
+            "held_back_pixels": res.corrections.get("held_back_pixels"),
             "instance_params": res.instance_params})
         r = rows[-1]
         print(f"{r['image']}: {r['before']:.3f} -> {r['after']:.3f} (trained {r['trained']:.3f}) "

@@ -20,15 +20,40 @@ from .instances import InstanceMaker, InstanceParams, remove_small
 
 
 # --------------------------------------------------------------------------- the check part
-def split_check(valid: np.ndarray, labels: np.ndarray, fraction: float = 0.25,
-                min_objects: int = 1) -> np.ndarray:
-    """The held-back part of the reviewed region: (H, W) bool, a subset of `valid`, or all False
-    when it cannot hold back `min_objects` objects while leaving one to train on.
+MIN_CHECK_OBJECTS = 2       # a check of one object cannot see two of them merge
+MAX_CHECK_FRACTION = 0.4    # never hold back more of the reviewed area than this
 
-    It is the far end of the reviewed region along its longer side, about `fraction` of its area,
-    cut where the fewest labelled pixels cross (between objects rather than through them); when
-    that strip would hold no object (or all of them), whole objects from that end with a margin
-    around them (`hold_back_objects`). It depends only on the region and the labels, so a round is
+
+def _objects_beyond(inside: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
+    """For each line across `axis`: how many labelled objects have at least half of their reviewed
+    pixels on or beyond it (their median coordinate along `axis`), and the number of objects."""
+    flat = np.flatnonzero(inside)
+    if flat.size == 0:
+        return np.zeros(inside.shape[axis], np.int64), 0
+    coord = flat // inside.shape[1] if axis == 0 else flat % inside.shape[1]
+    ids = inside.ravel()[flat]
+    order = np.lexsort((coord, ids))
+    ids, coord = ids[order], coord[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    counts = np.diff(np.r_[starts, ids.size])
+    medians = coord[starts + counts // 2]
+    per_line = np.bincount(medians, minlength=inside.shape[axis])
+    return np.cumsum(per_line[::-1])[::-1], starts.size
+
+
+def split_check(valid: np.ndarray, labels: np.ndarray, fraction: float = 0.25,
+                min_objects: int = MIN_CHECK_OBJECTS,
+                max_fraction: float = MAX_CHECK_FRACTION) -> np.ndarray:
+    """The held-back part of the reviewed region: (H, W) bool, a subset of `valid`, or all False
+    when nothing can be held back while leaving an object to train on.
+
+    It is the far end of the reviewed region along its longer side (a spatial block, so it holds
+    neighbouring objects and the background between them), about `fraction` of its area, cut where
+    the fewest labelled pixels cross (between objects rather than through them). When that strip
+    holds fewer than `min_objects` objects (big glands), it grows, up to `max_fraction` of the area,
+    until it does; when no strip up to that size holds one, whole objects from that end with a
+    margin around them (`hold_back_objects`). An object counts for the side that holds at least half
+    of its reviewed pixels. It depends only on the region and the labels, so a round is
     reproducible."""
     valid = np.asarray(valid, bool)
     none = np.zeros(valid.shape, bool)
@@ -37,25 +62,36 @@ def split_check(valid: np.ndarray, labels: np.ndarray, fraction: float = 0.25,
     ys, xs = np.nonzero(valid)
     axis = 0 if (ys.max() - ys.min()) >= (xs.max() - xs.min()) else 1
     inside = np.where(valid, labels, 0)
-    # per line across the long axis: reviewed pixels, and labelled pixels on it
+    # per line across the long axis: reviewed pixels, labelled pixels on it, objects beyond it
     area = valid.sum(axis=1 - axis).astype(np.float64)
     on_line = (inside > 0).sum(axis=1 - axis).astype(np.float64)
     beyond = np.cumsum(area[::-1])[::-1] / area.sum()     # share of the area from line i on
-    candidates = np.flatnonzero((beyond >= 0.6 * fraction) & (beyond <= 1.4 * fraction))
-    if candidates.size == 0:
-        candidates = np.array([int(np.argmin(np.abs(beyond - fraction)))])
-    # fewest labelled pixels on the cut; among equals, the share closest to `fraction`
-    order = np.lexsort((np.abs(beyond[candidates] - fraction), on_line[candidates]))
-    cut = int(candidates[order[0]])
+    held, total = _objects_beyond(inside, axis)
+    trains = (total - held) >= 1
+    near = (beyond >= 0.6 * fraction) & (beyond <= 1.4 * fraction)
+    cut = None
+    for need in (max(1, min_objects), 1):
+        ok = trains & (held >= need)
+        if (ok & near).any():
+            lines = np.flatnonzero(ok & near)
+        elif need > 1 and (ok & (beyond <= max_fraction)).any():
+            # the smallest strip that holds enough objects (keep the rest for training), then
+            # among strips up to 0.05 larger the one cut through the fewest labelled pixels
+            lines = np.flatnonzero(ok & (beyond <= max_fraction))
+            smallest = beyond[lines].min()
+            lines = lines[beyond[lines] <= smallest + 0.05]
+        else:
+            continue
+        order = np.lexsort((np.abs(beyond[lines] - fraction), on_line[lines]))
+        cut = int(lines[order[0]])
+        break
+    if cut is None:
+        return hold_back_objects(valid, labels, fraction, axis)
     check = none.copy()
     if axis == 0:
         check[cut:] = valid[cut:]
     else:
         check[:, cut:] = valid[:, cut:]
-    n_check = np.count_nonzero(np.unique(np.where(check, labels, 0)))
-    n_train = np.count_nonzero(np.unique(np.where(valid & ~check, labels, 0)))
-    if n_check < min_objects or n_train < 1:
-        return hold_back_objects(valid, labels, fraction, axis)
     return check
 
 
@@ -91,12 +127,18 @@ def hold_back_objects(valid: np.ndarray, labels: np.ndarray, fraction: float, ax
 class RegionScore:
     """One model's result on a set of corrected objects: `matched` of `objects` corrected objects
     have a predicted object with IoU > 0.5; `score` is the task's object score (higher is better);
-    `dice` the pixel Dice of foreground."""
+    `dice` the pixel Dice of foreground; `predicted` how many objects the model found there."""
     matched: int
     objects: int
     score: float
     metric: str
     dice: float = float("nan")
+    predicted: int = 0
+
+    @property
+    def count_error(self) -> int:
+        """How far the number of objects found is from the number corrected (merges and splits)."""
+        return abs(self.predicted - self.objects)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,7 +162,7 @@ def compare_labels(gt: np.ndarray, pred: np.ndarray, task: str, min_size: int = 
         score = M.dice(gt, pred)
     pq = M.panoptic_quality(gt, pred)
     return RegionScore(matched=pq.tp, objects=int(gt.max()), score=float(score), metric=metric,
-                       dice=float(M.dice(gt > 0, pred > 0)))
+                       dice=float(M.dice(gt > 0, pred > 0)), predicted=int(pred.max()))
 
 
 def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -128,13 +170,35 @@ def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
 
 
-def region_probabilities(model, image: np.ndarray, card, mask: np.ndarray,
-                         device="cpu") -> tuple[np.ndarray, tuple[slice, slice]]:
-    """The model's probabilities over the bounding box of `mask` (with the tile context `predict`
-    reads around a region), and that box as slices."""
+CONTEXT = 64    # pixels around a scored part whose objects are labelled too (see region_probabilities)
+
+
+def region_box(mask: np.ndarray, context: int = CONTEXT) -> tuple[slice, slice]:
+    """The bounding box of `mask` grown by `context` pixels (clipped to the image), as slices."""
     y0, y1, x0, x1 = bbox(mask)
-    prob = predict(model, image, card, device=device, region=(y0, y1, x0, x1))
-    return prob, (slice(y0, y1), slice(x0, x1))
+    h, w = mask.shape
+    return (slice(max(0, y0 - context), min(h, y1 + context)),
+            slice(max(0, x0 - context), min(w, x1 + context)))
+
+
+def region_probabilities(model, image: np.ndarray, card, mask: np.ndarray, device="cpu",
+                         context: int = CONTEXT) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """The model's probabilities over the bounding box of `mask` grown by `context` pixels, and that
+    box as slices. Objects are then labelled over the whole box and only scored on `mask`: an object
+    cut at the scored part's edge keeps its shape (a gland's lumen open at the edge of the box would
+    not be filled, and would score as a miss the user never sees on the whole image)."""
+    box = region_box(mask, context)
+    prob = predict(model, image, card, device=device,
+                   region=(box[0].start, box[0].stop, box[1].start, box[1].stop))
+    return prob, box
+
+
+def crop_probabilities(prob: np.ndarray, box: tuple[slice, slice],
+                       inner: tuple[slice, slice]) -> np.ndarray:
+    """The part `inner` (a box inside `box`, image coordinates) of probabilities computed over `box`."""
+    ys = slice(inner[0].start - box[0].start, inner[0].stop - box[0].start)
+    xs = slice(inner[1].start - box[1].start, inner[1].stop - box[1].start)
+    return np.ascontiguousarray(prob[..., ys, xs])
 
 
 def labels_in(prob: np.ndarray, card, params: InstanceParams) -> np.ndarray:
@@ -187,7 +251,8 @@ def choose_postprocessing(prob: np.ndarray, box: tuple[slice, slice], labels: np
                           part: np.ndarray, card, start: InstanceParams, min_size: int,
                           thresholds: Sequence[float] = THRESHOLDS) -> tuple[InstanceParams, float]:
     """Instance settings for `prob` chosen on the corrected pixels of `part`: the threshold, then the
-    minimum size (x0.5, x1, x2), then for splitting tasks the seed distance (-1, 0, +1), one at a
+    minimum size (x0.5, x1, x2), then for an instance head the marker threshold (-0.1, 0, +0.1),
+    for a binary head that splits objects the seed distance (-1, 0, +1), one at a
     time. A setting moves from `start` only if it scores strictly better, so noise does not move it.
     Returns (settings, their score)."""
     if start.mode == "semantic":
@@ -203,7 +268,11 @@ def choose_postprocessing(prob: np.ndarray, box: tuple[slice, slice], labels: np
     best, best_score = start, score(start)
     sweeps = [("threshold", [t for t in thresholds if t != start.threshold]),
               ("min_size", sorted({max(1, int(start.min_size * f)) for f in (0.5, 2.0)} - {start.min_size}))]
-    if start.splits:
+    if start.head != "binary":
+        # an instance head seeds objects where its interior score passes marker_threshold
+        near = (round(start.marker_threshold - 0.1, 2), round(start.marker_threshold + 0.1, 2))
+        sweeps.append(("marker_threshold", [m for m in near if 0.05 <= m <= 0.95]))
+    elif start.splits:
         near = (start.min_distance - 1, start.min_distance + 1)
         sweeps.append(("min_distance", [d for d in near if d >= 1]))
     for name, values in sweeps:
@@ -213,3 +282,55 @@ def choose_postprocessing(prob: np.ndarray, box: tuple[slice, slice], labels: np
             if s > best_score:
                 best, best_score = p, s
     return best, best_score
+
+
+# --------------------------------------------------------------------------- the decision
+DICE_MARGIN = 0.02        # pixel Dice the held-back part may lose (object scores may not drop)
+REPLAY_TOLERANCE = 0.01   # pixel Dice the replay crops may lose
+# Objects found may move this share of the corrected count farther from it (0 below 10 objects:
+# there one merge is the failure to catch; among 100 nuclei the object score sees merges itself).
+COUNT_SLACK = 0.1
+
+
+def score_text(before: RegionScore, after: RegionScore, field: str = "score") -> str:
+    name = ("pixel Dice" if field == "dice" else
+            {"object_f1": "object F1", "aji": "AJI", "dice": "Dice"}[before.metric])
+    return f"{name} {getattr(before, field):.3f} -> {getattr(after, field):.3f}"
+
+
+def judge_round(check_before: RegionScore, check_after: RegionScore,
+                replay_before: RegionScore | None, replay_after: RegionScore | None,
+                held_back: bool, dice_margin: float = DICE_MARGIN,
+                replay_tolerance: float = REPLAY_TOLERANCE) -> tuple[bool, str]:
+    """Keep the new weights? (kept, one-line reason). Conservative: every signal must hold.
+
+    On the checked part of the corrections (held back, or the trained-on part when nothing could be
+    held back): the object score may not drop, the pixel Dice may not drop by more than
+    `dice_margin` (a round that wipes out the only held-back gland leaves an object score of 0 -> 0
+    but a Dice of 0.6 -> 0), and the number of objects found may not move away from the number
+    corrected (a merge or a split the object score can miss on one or two objects; by at most
+    `COUNT_SLACK` of the corrected count). On the replay
+    crops: the pixel Dice may not drop by more than `replay_tolerance` (their object score moves
+    ~0.05 per object on a few cut crops: noise), and when nothing was held back (the check then
+    saw only trained-on objects, which a round always fits) no replay object may be lost either."""
+    where = "the held-back part of your corrections" if held_back else "your corrections"
+    b, a = check_before, check_after
+    if a.score < b.score:
+        return False, f"rolled back, worse on {where} ({score_text(b, a)})"
+    if a.dice < b.dice - dice_margin:
+        return False, f"rolled back, worse on {where} ({score_text(b, a, 'dice')})"
+    if a.count_error > b.count_error + int(COUNT_SLACK * b.objects):
+        return False, (f"rolled back, found {a.predicted} objects where you corrected {a.objects} on "
+                       f"{where} (before: {b.predicted})")
+    rb, ra = replay_before, replay_after
+    if rb is not None and ra is not None:
+        if ra.dice < rb.dice - replay_tolerance:
+            return False, (f"rolled back, worse on the model's training data "
+                           f"({score_text(rb, ra, 'dice')})")
+        if not held_back and ra.matched < rb.matched:
+            return False, (f"rolled back, nothing of your corrections could be held back to check "
+                           f"the round, and it matches fewer objects of the model's training data "
+                           f"({rb.matched} -> {ra.matched} of {rb.objects})")
+    note = "" if rb is not None else "; no training data to check forgetting"
+    held = "held-back " if held_back else ""
+    return True, f"at least as good on your {held}corrections ({score_text(b, a)}){note}"

@@ -357,3 +357,79 @@ def test_a_head_the_round_cannot_train_is_refused_before_training():
     card = {"architecture": "unet", "model_kwargs": {}, "task": "nuclei", "head": "three_class"}
     with pytest.raises(ValueError, match="three_class"):
         finetune(DarknessModel(), image, labels, steps=1, tile_size=TILE, card=card)
+
+
+# --------------------------------------------------------------------------- the decision's signals
+def score(matched, objects, value, dice, predicted, metric="object_f1"):
+    from src_models.finetune_check import RegionScore
+    return RegionScore(matched=matched, objects=objects, score=value, metric=metric, dice=dice,
+                       predicted=predicted)
+
+
+def test_a_round_that_wipes_out_the_held_back_object_is_rolled_back_though_its_score_did_not_drop():
+    # GlaS train_47: neither model matched the one held-back gland (object F1 0 -> 0), but the new
+    # one found no gland there at all (pixel Dice 0.60 -> 0) and lost 0.4 F1 on the unseen half.
+    from src_models.finetune_check import judge_round
+    replay = score(4, 6, 0.76, 0.92, 6)
+    kept, reason = judge_round(score(0, 1, 0.0, 0.60, 1), score(0, 1, 0.0, 0.0, 0), replay, replay, True)
+    assert not kept and "pixel Dice 0.600 -> 0.000" in reason
+    kept, _ = judge_round(score(0, 1, 0.0, 0.60, 1), score(0, 1, 0.0, 0.59, 1), replay, replay, True)
+    assert kept                                        # within the margin: kept
+
+
+def test_a_merge_the_object_score_misses_is_rolled_back():
+    from src_models.finetune_check import judge_round
+    # 3 corrected objects, 2 found before (one merge), 1 after (all merged): F1 0.4 -> 0.5 by chance
+    kept, reason = judge_round(score(1, 3, 0.4, 0.9, 2), score(1, 3, 0.5, 0.9, 1), None, None, True)
+    assert not kept and "found 1 objects where you corrected 3" in reason
+    kept, reason = judge_round(score(1, 3, 0.4, 0.9, 2), score(3, 3, 1.0, 0.9, 3), None, None, True)
+    assert kept and reason.endswith("no training data to check forgetting")
+
+
+def test_without_a_held_back_part_a_lost_replay_object_rolls_back():
+    from src_models.finetune_check import judge_round
+    check = score(2, 2, 1.0, 0.9, 2)
+    kept, reason = judge_round(check, check, score(4, 6, 0.8, 0.9, 6), score(3, 6, 0.7, 0.9, 6), False)
+    assert not kept and "could be held back" in reason
+    kept, _ = judge_round(check, check, score(4, 6, 0.8, 0.9, 6), score(3, 6, 0.7, 0.9, 6), True)
+    assert kept                                        # with a held-back part, replay Dice decides
+    kept, reason = judge_round(check, check, score(4, 6, 0.8, 0.9, 6), score(4, 6, 0.8, 0.88, 6), True)
+    assert not kept and "training data" in reason
+
+
+def test_the_check_part_grows_until_it_holds_two_objects():
+    from src_models.finetune_check import split_check
+    labels = np.zeros((100, 40), np.int32)
+    labels[5:56, 5:35] = 1
+    labels[62:69, 5:35] = 2
+    labels[72:99, 5:35] = 3                      # big objects: a quarter of the rows holds only one
+    valid = np.ones(labels.shape, bool)
+    one = split_check(valid, labels, 0.25, min_objects=1)
+    assert set(np.unique(labels[one])) - {0} == {3}
+    two = split_check(valid, labels, 0.25)
+    assert set(np.unique(labels[two])) - {0} == {2, 3}
+    assert two.sum() / valid.sum() <= 0.4 and not two[labels == 1].any()
+    # an object always stays for training; no strip up to 40% holds two: one object's strip
+    labels[62:69] = 0
+    assert set(np.unique(labels[split_check(valid, labels, 0.25)])) - {0} == {3}
+
+
+def test_postprocessing_rechoice_moves_the_marker_threshold_of_an_instance_head():
+    from src_models.finetune_check import choose_postprocessing
+    from src_models.instances import InstanceParams
+    labels = np.zeros((40, 60), np.int32)
+    labels[8:32, 5:28], labels[8:32, 30:55] = 1, 2           # two touching-ish objects
+    prob = np.zeros((3, 40, 60), np.float32)
+    prob[0] = 0.9
+    fg = labels > 0
+    prob[0][fg], prob[1][fg], prob[2][fg] = 0.05, 0.45, 0.5   # interior below 0.5: no seed at 0.5
+    inner = np.zeros_like(fg)
+    inner[12:28, 9:24] = inner[12:28, 34:51] = True
+    prob[1][inner], prob[2][inner] = 0.55, 0.4
+    prob[:, :, 28:30] = np.array([0.1, 0.1, 0.8])[:, None, None]   # boundary between the two
+    card = {"task": "glands", "head": "three_class"}
+    start = InstanceParams(mode="glands", head="three_class", threshold=0.5, min_size=10,
+                           marker_threshold=0.6)
+    box = (slice(0, 40), slice(0, 60))
+    best, value = choose_postprocessing(prob, box, labels, np.ones(labels.shape, bool), card, start, 10)
+    assert best.marker_threshold == 0.5 and value == 1.0
