@@ -5,7 +5,7 @@ trained-on part and on every shipped replay crop: the object score, pixel Dice, 
 corrected object counts, objects matched - next to the unseen right half's score (ground truth the
 round never sees), so decision rules can be compared offline without re-training.
 
-    python benchmarks/finetune_signals.py GlaS train_47,train_49 '{}' /tmp/signals.json
+    python benchmarks/finetune_signals.py GlaS train_47,train_49 '{}' /tmp/signals.json [checkpoint]
 
 Appends one JSON row per image to the output file (a list), rewriting it after each image.
 """
@@ -40,10 +40,10 @@ def region_signals(gt, pred, part, task, min_size):
     return d
 
 
-def main(dataset: str, names: str, kwargs: str, out: str) -> None:
+def main(dataset: str, names: str, kwargs: str, out: str, checkpoint: str | None = None) -> None:
     torch.set_num_threads(1)
     task = {"GlaS": "glands", "MoNuSeg": "nuclei"}[dataset]
-    model, card = load_checkpoint(task)
+    model, card = load_checkpoint(checkpoint or task)
     root = DATA / dataset / "train"
     kw = json.loads(kwargs)
     rows = json.loads(Path(out).read_text()) if Path(out).exists() else []
@@ -86,4 +86,4 @@ def main(dataset: str, names: str, kwargs: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

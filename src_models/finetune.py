@@ -43,8 +43,9 @@ ENCODER_PREFIXES: dict[str, tuple[str, ...]] = {
 _GENERIC_ENCODER_PREFIXES = ("encoder", "bottleneck", "bridge", "stem")
 # Crop side of a round: a 512-tile glands model trains ~4x faster on 256-pixel crops, and on
 # GlaS validation images they generalised better to the unseen half than 512-pixel crops
-# (benchmarks/results/finetune_diagnosis.md).
-DEFAULT_CROP = 256
+# (benchmarks/results/finetune_diagnosis.md); 224-pixel crops cost ~25% less again and did as
+# well on the unseen half (benchmarks/results/finetune_speed.md).
+DEFAULT_CROP = 224
 
 
 def encoder_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -283,7 +284,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     (0 = background; class ids for multi-class models); region: None (all of the image), an (H, W)
     boolean mask or a (y0, y1, x0, x1) box: only labels there count (the loss ignores other pixels).
     train: "all" or "decoder" (encoder frozen, see `encoder_prefixes`). tile_size: crop side, by
-    default the card's tile size up to DEFAULT_CROP (256). card: the model's ModelCard (normalisation,
+    default the card's tile size up to DEFAULT_CROP (224). card: the model's ModelCard (normalisation,
     tile size, post-processing). replay: training samples of the model ((image, mask) pairs or
     data.Sample) of which `replay_per_batch` crops join every batch, and fixed crops of which check
     the round; "auto" (default): the crops of the card's training images that ship with the package
