@@ -188,3 +188,16 @@ def test_progress_reports_time_left_and_resumed_chunks(small_slide, tmp_path):
     line = result.summary()
     assert f"({result.chunks_resumed} from an earlier run)" in line and "tissue" in line
     assert line.count("\n") == 0 and f"{result.n_objects} objects" in line
+
+
+def test_a_region_run_segments_only_the_cores_meeting_it(finished, small_slide, tmp_path):
+    result, out = finished
+    region = (256, 512, 512, 1024)          # two cores of 256 px
+    part = run(small_slide[0], tmp_path, region=region, geojson=False, table=False)
+    assert part.chunks == result.chunks and 0 < part.chunks_segmented <= 2
+    assert part.region == region and "in region" in part.summary()
+    assert 0 < part.region_tissue_megapixels <= 2 * 256 * 256 / 1e6
+    labels = np.asarray(open_labels(output_paths(small_slide[0], tmp_path)["labels"]))
+    outside = np.ones(labels.shape, bool)
+    outside[256 - 24:512 + 24, 512 - 24:1024 + 24] = False   # owned objects reach a margin out
+    assert labels.max() == part.n_objects > 0 and not labels[outside].any()

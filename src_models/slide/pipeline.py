@@ -52,6 +52,8 @@ class SlideResult:
     seconds: float
     shape: tuple[int, int]
     stages: dict | None = None     # seconds per stage: tissue, segment, write, objects
+    region: tuple[int, int, int, int] | None = None   # only the cores meeting this box were done
+    region_tissue_megapixels: float | None = None     # the tissue in those cores
     runtime: str = "torch"          # what ran the model: torch, onnx (exported / cached graph)
     chunks_resumed: int = 0         # cores found complete from an earlier, interrupted run
 
@@ -62,6 +64,8 @@ class SlideResult:
                 f"({self.tissue_fraction:.0%} of {self.shape[0]}x{self.shape[1]}), "
                 f"{self.chunks_segmented}/{self.chunks} chunks segmented"
                 + (f" ({self.chunks_resumed} from an earlier run)" if self.chunks_resumed else "")
+                + (f" in region {self.region} ({self.region_tissue_megapixels:.1f} MP tissue)"
+                   if self.region is not None else "")
                 + f", {self.runtime}, {self.seconds:.1f} s"
                 + (" (" + ", ".join(f"{k} {v:.0f} s" for k, v in self.stages.items()) + ")"
                    if self.stages else "")
@@ -108,7 +112,8 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
                   margin: int = DEFAULT_MARGIN, geojson: bool = True, table: bool = True,
                   progress: SlideProgress | None = None, cancel: Callable[[], bool] | None = None,
                   runner: Any = None, checkpoint_name: str | None = None,
-                  runtime: str = "torch") -> SlideResult:
+                  runtime: str = "torch", region: tuple[int, int, int, int] | None = None
+                  ) -> SlideResult:
     """Segments one slide (any format open_slide reads) into `out_dir`; see the module docstring.
 
     mode / threshold / min_size: post-processing (default: the checkpoint's card). tissue: find
@@ -116,7 +121,9 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
     in level-0 pixels (a multiple of 64 so the label pyramid's levels align). margin: context
     around each core for the instance step (larger than the largest nucleus). runtime: "torch",
     "onnx" or "auto" (runtime_onnx; the exported graph is made once per process and shared
-    through the cache, see slide/runtime.py); ignored when a `runner` is given."""
+    through the cache, see slide/runtime.py); ignored when a `runner` is given. region: a level-0
+    box (y0, y1, x0, x1); only the cores meeting it are segmented, the rest stay 0 (a drawn
+    region, or a measured sample of a slide too large to time whole)."""
     from ..inference import card_value, predict
     from ..instances import InstanceParams, probabilities_to_labels
 
@@ -150,16 +157,29 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
         lap("tissue")
         grid = ChunkGrid(h, w, chunk, margin)
 
+        if region is not None:
+            region = tuple(int(v) for v in region)
+            if not (0 <= region[0] < region[1] and 0 <= region[2] < region[3]):
+                raise ValueError(f"region must be (y0, y1, x0, x1) with y0 < y1, x0 < x1; got "
+                                 f"{region}")
+
+        def in_region(core: Core) -> bool:
+            return region is None or (core.y0 < region[1] and core.y1 > region[0]
+                                      and core.x0 < region[3] and core.x1 > region[2])
+
         def include(core: Core) -> bool:
-            return mask.touches(core.y0 - margin, core.y1 + margin, core.x0 - margin,
-                                core.x1 + margin)
+            return in_region(core) and mask.touches(core.y0 - margin, core.y1 + margin,
+                                                    core.x0 - margin, core.x1 + margin)
 
         cores = grid.cores()
+        region_tissue = None if region is None else sum(
+            mask.area_pixels((c.y0, c.y1, c.x0, c.x1)) for c in cores if in_region(c)) / 1e6
         to_segment = sum(1 for c in cores if include(c))
         signature = {"slide": Path(path).name, "shape": [h, w], "chunk": chunk, "margin": margin,
                      "rule": rule, "params": {k: getattr(params, k) for k in
                                               params.__dataclass_fields__},
                      "tile": tile_size, "overlap": overlap, "tissue": bool(tissue),
+                     "region": None if region is None else list(region),
                      # torch and the graph agree within 1e-4, not bit for bit: a resumed run
                      # keeps the runtime its completed chunks were made with
                      "runtime": "onnx" if runner.runtime == "onnx" else "torch",
@@ -227,7 +247,9 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
     return SlideResult(Path(path), paths["labels"], wrote_geojson, wrote_table, result.n_objects,
                        fraction, None if tissue_um2 is None else tissue_um2 / 1e6,
                        tissue_px / 1e6, len(cores), result.cores - result.skipped,
-                       time.perf_counter() - start, shape, stages, ran_with, resumed)
+                       time.perf_counter() - start, shape, stages, region=region,
+                       region_tissue_megapixels=region_tissue, runtime=ran_with,
+                       chunks_resumed=resumed)
 
 
 def _power_of_two_levels(chunk: int) -> int:

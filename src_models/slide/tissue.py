@@ -46,9 +46,18 @@ class TissueMask:
             return None
         return float(self.mask.sum()) * self.downsample[0] * self.downsample[1] * mpp[0] * mpp[1]
 
-    def area_pixels(self) -> float:
-        """Tissue area in level-0 pixels."""
-        return float(self.mask.sum()) * self.downsample[0] * self.downsample[1]
+    def area_pixels(self, box: tuple[int, int, int, int] | None = None) -> float:
+        """Tissue area in level-0 pixels (within the level-0 box (y0, y1, x0, x1) if given, to
+        the mask's resolution)."""
+        mask = self.mask
+        if box is not None:
+            dy, dx = self.downsample
+            y0, y1, x0, x1 = box
+            mask = mask[max(0, int(round(y0 / dy))):max(0, int(round(y1 / dy))),
+                        max(0, int(round(x0 / dx))):max(0, int(round(x1 / dx)))]
+            if self.method == "off":   # one mask pixel for the whole slide: the box's own area
+                return float((y1 - y0) * (x1 - x0))
+        return float(mask.sum()) * self.downsample[0] * self.downsample[1]
 
     def touches(self, y0: int, y1: int, x0: int, x1: int) -> bool:
         """Whether the level-0 box [y0, y1) x [x0, x1) contains any tissue."""

@@ -113,8 +113,10 @@ def make_layout(height: int, width: int, tissue: float = 0.3, seed: int = 0, pen
                        cells if cells is not None else source_images(), seed)
 
 
-def _island_mask(layout: SlideLayout, y0: int, x0: int, h: int, w: int, d: int) -> np.ndarray:
-    """(h, w) bool: pixels of the level with downsample d (origin y0, x0 in that level) in tissue."""
+def _island_mask(layout: SlideLayout, y0: int, x0: int, h: int, w: int, d: int,
+                 boxes: list | None = None) -> np.ndarray:
+    """(h, w) bool: pixels of the level with downsample d (origin y0, x0 in that level) in tissue.
+    boxes: if given, receives the (y0, y1, x0, x1) window box of every island drawn."""
     mask = np.zeros((h, w), bool)
     Y0, Y1, X0, X1 = y0 * d, (y0 + h) * d, x0 * d, (x0 + w) * d
     for isl in layout.islands:
@@ -131,6 +133,8 @@ def _island_mask(layout: SlideLayout, y0: int, x0: int, h: int, w: int, d: int) 
         edge = isl.radius * (1 + 0.15 * np.sin(3 * theta + isl.phase1)
                              + 0.08 * np.sin(5 * theta + isl.phase2))
         mask[ry0:ry1, rx0:rx1] |= yy ** 2 + xx ** 2 <= edge ** 2
+        if boxes is not None:
+            boxes.append((ry0, ry1, rx0, rx1))
     return mask
 
 
@@ -138,13 +142,23 @@ def _pen_mask(layout: SlideLayout, y0: int, x0: int, h: int, w: int, d: int) -> 
     if layout.pen is None:
         return None
     py0, px0, py1, px1 = layout.pen
-    yy = (np.arange(h) + y0 + 0.5)[:, None] * d
-    xx = (np.arange(w) + x0 + 0.5)[None, :] * d
+    # only the window rows / columns the stroke's box reaches are computed (it is thin)
+    r = layout.pen_width / 2 + d
+    ry0 = max(0, int((min(py0, py1) - r) / d) - y0)
+    ry1 = min(h, int(math.ceil((max(py0, py1) + r) / d)) - y0 + 1)
+    rx0 = max(0, int((min(px0, px1) - r) / d) - x0)
+    rx1 = min(w, int(math.ceil((max(px0, px1) + r) / d)) - x0 + 1)
+    mask = np.zeros((h, w), bool)
+    if ry1 <= ry0 or rx1 <= rx0:
+        return mask
+    yy = (np.arange(ry0, ry1) + y0 + 0.5)[:, None] * d
+    xx = (np.arange(rx0, rx1) + x0 + 0.5)[None, :] * d
     # distance to the segment (py0, px0)-(py1, px1)
     vy, vx = py1 - py0, px1 - px0
     t = np.clip(((yy - py0) * vy + (xx - px0) * vx) / (vy * vy + vx * vx), 0, 1)
     dist2 = (yy - py0 - t * vy) ** 2 + (xx - px0 - t * vx) ** 2
-    return dist2 <= (layout.pen_width / 2) ** 2
+    mask[ry0:ry1, rx0:rx1] = dist2 <= (layout.pen_width / 2) ** 2
+    return mask
 
 
 def _texture(layout: SlideLayout, y0: int, x0: int, h: int, w: int, d: int,
@@ -168,10 +182,15 @@ def render(layout: SlideLayout, y0: int, x0: int, h: int, w: int, d: int = 1,
     cache = {} if cache is None else cache
     out = np.empty((h, w, 3), np.uint8)
     out[:] = GLASS_RGB
-    tissue = _island_mask(layout, y0, x0, h, w, d)
-    if tissue.any():
-        tex = _texture(layout, y0, x0, h, w, d, cache)
-        out[tissue] = tex[tissue]
+    boxes: list = []
+    tissue = _island_mask(layout, y0, x0, h, w, d, boxes)
+    # the texture only inside each island's box (most of a slide is glass); it depends on the
+    # absolute position alone, so overlapping boxes agree
+    for by0, by1, bx0, bx1 in boxes:
+        inside = tissue[by0:by1, bx0:bx1]
+        if inside.any():
+            tex = _texture(layout, y0 + by0, x0 + bx0, by1 - by0, bx1 - bx0, d, cache)
+            out[by0:by1, bx0:bx1][inside] = tex[inside]
     pen = _pen_mask(layout, y0, x0, h, w, d)
     if pen is not None and pen.any():
         out[pen] = PEN_RGB
