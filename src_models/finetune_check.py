@@ -162,7 +162,9 @@ def compare_labels(gt: np.ndarray, pred: np.ndarray, task: str, min_size: int = 
         score = M.dice(gt, pred)
     pq = M.panoptic_quality(gt, pred)
     return RegionScore(matched=pq.tp, objects=int(gt.max()), score=float(score), metric=metric,
-                       dice=float(M.dice(gt > 0, pred > 0)), predicted=int(pred.max()))
+                       dice=float(M.dice(gt > 0, pred > 0)),
+                       # counted like the corrections: slivers of objects cut at the part's edge are not
+                       predicted=int(remove_small(pred, min_size).max()))
 
 
 def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -240,7 +242,8 @@ def score_replay(model, crops: Sequence[tuple], card, params: InstanceParams, mi
         scores.append(compare_labels(mask, labels_in(prob, card, params), params.mode, min_size))
     return RegionScore(matched=sum(s.matched for s in scores), objects=sum(s.objects for s in scores),
                        score=float(np.mean([s.score for s in scores])), metric=scores[0].metric,
-                       dice=float(np.mean([s.dice for s in scores])))
+                       dice=float(np.mean([s.dice for s in scores])),
+                       predicted=sum(s.predicted for s in scores))
 
 
 # --------------------------------------------------------------------------- post-processing

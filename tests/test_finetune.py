@@ -296,6 +296,7 @@ def test_a_good_round_is_kept_and_recorded_in_the_card():
     assert res.kept and res.model is res.trained and res.check_source == "held back"
     assert res.check_after.score >= res.check_before.score
     assert res.replay_before is not None and res.replay_after is not None
+    assert res.replay_before.predicted == res.replay_before.objects > 0   # the model finds them all
     assert res.summary.startswith("Objects matching your held-back corrections: ")
     assert "Kept the fine-tuned model: at least as good" in res.summary
     card = res.card(toy_card(), parent="toy")
