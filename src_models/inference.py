@@ -35,6 +35,7 @@ from .preprocess import DEFAULT_NORMALIZATION, prepare
 
 DEFAULT_TILE_SIZE = 256
 DEFAULT_OVERLAP = 0.25
+ROW_BYTES = 64 * 1024 ** 2  # largest normalised row of tiles kept (float32), else tile by tile
 
 ProgressCallback = Callable[[int, int], Any]
 
@@ -310,7 +311,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, device: torch.device, *, precision: str = "auto",
                  channels_last: bool | None = None, tta: bool = False, max_batch: int = 4,
-                 fuse: bool = True, runtime: str = "torch"):
+                 fuse: bool = True, runtime: str = "torch", graph_workers: int | None = None):
         self.source_model = model
         self.device = device
         self.precision = precision
@@ -323,6 +324,10 @@ class ModelRunner:
         # shape, made on first use; a shape whose graph cannot be used stays in torch.
         self.runtime = runtime_onnx.resolve_runtime(runtime, device.type, precision)
         self._graphs: dict[tuple[int, ...], runtime_onnx.ExportedGraph | None] = {}
+        # Exported graph: batches run side by side, one ONNX Runtime thread each (run_batches).
+        self.graph_workers, self.graph_threads = runtime_onnx.thread_plan(
+            torch.get_num_threads(), graph_workers)
+        self._graph_lock = threading.Lock()
         self._prepare_model()
 
     @property
@@ -331,12 +336,13 @@ class ModelRunner:
         return any(g is not None for g in self._graphs.values())
 
     def _graph(self, shape: tuple[int, ...]) -> "runtime_onnx.ExportedGraph | None":
-        if shape not in self._graphs:
-            variant = "fused" if self.fuse else "plain"
-            key = runtime_onnx.key_for_model(self.source_model, shape, variant=variant)
-            self._graphs[shape] = runtime_onnx.graph_for(
-                self.model, shape, key=key, threads=torch.get_num_threads())
-        return self._graphs[shape]
+        with self._graph_lock:  # workers of run_batches may ask at once: export/open only once
+            if shape not in self._graphs:
+                variant = "fused" if self.fuse else "plain"
+                key = runtime_onnx.key_for_model(self.source_model, shape, variant=variant)
+                self._graphs[shape] = runtime_onnx.graph_for(
+                    self.model, shape, key=key, threads=self.graph_threads)
+            return self._graphs[shape]
 
     def _run_graph(self, graph: "runtime_onnx.ExportedGraph", batch: np.ndarray) -> np.ndarray:
         prob = runtime_onnx.probabilities(graph(batch))
@@ -384,6 +390,36 @@ class ModelRunner:
                     prob += torch.flip(self._forward(torch.flip(x, dims)).float(), dims)
                 prob /= 4.0
         return prob.cpu().numpy()
+
+    def run_batches(self, batches):
+        """(tag, batch) pairs in -> (tag, probabilities) pairs out, in the same order.
+
+        With the exported graph and `graph_workers` > 1, that many batches run at once, each on
+        one ONNX Runtime thread (the session is thread-safe and releases the GIL), while this
+        thread prepares the next inputs and blends the finished ones; the outputs are the same
+        as one at a time. Otherwise one batch at a time, the input read only when the previous
+        output has been consumed (so a cancel check in `batches` is seen at once)."""
+        workers = self.graph_workers if self.runtime == "onnx" else 1
+        if workers <= 1:
+            for tag, batch in batches:
+                yield tag, self(batch)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+        pending: deque = deque()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="napari-dca-graph") as pool:
+            try:
+                for tag, batch in batches:
+                    pending.append((tag, pool.submit(self, batch)))
+                    if len(pending) > workers:
+                        tag0, future = pending.popleft()
+                        yield tag0, future.result()
+                while pending:
+                    tag0, future = pending.popleft()
+                    yield tag0, future.result()
+            finally:
+                for _, future in pending:
+                    future.cancel()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         outputs = []
@@ -542,6 +578,18 @@ def _read_tile(image: Any, layout: ImageLayout, z: int, y: int, x: int, tile: in
     return block
 
 
+def _read_rows(image: Any, layout: ImageLayout, z: int, y: int, tile: int) -> np.ndarray:
+    """Rows y .. y + tile of plane z, all columns: (tile, max(W, tile)[, C]), reflect-padded where
+    the image is smaller than a tile (as `_read_tile` pads each of its tiles)."""
+    ys = slice(y, min(y + tile, layout.height))
+    block = np.asarray(image[(z, ys) if layout.is_stack else (ys,)])
+    ph, pw = tile - block.shape[0], max(0, tile - block.shape[1])
+    if ph or pw:
+        pad = [(0, ph), (0, pw)] + [(0, 0)] * (block.ndim - 2)
+        block = np.pad(block, pad, mode="reflect")
+    return block
+
+
 def _prepare_tile(block: np.ndarray, in_channels: int, normalization, scale) -> np.ndarray:
     if scale is not None:
         lo, hi = scale
@@ -600,15 +648,32 @@ def _predict_tiles(runner: ModelRunner, image: Any, layout: ImageLayout, *, tile
         else:
             flush(z, r, tile)
 
+    # An in-memory image: each row of tiles normalises its rows of the image once (tiles are then
+    # views into it), the same arithmetic as tile by tile without redoing the overlaps. A lazy
+    # input (or a very wide row) is still read and normalised one tile at a time.
+    rows: dict[str, Any] = {"key": None, "data": None}
+    by_rows = isinstance(image, np.ndarray) and \
+        tile * width_padded * max(in_channels, layout.channels or 1) * 4 <= ROW_BYTES
+
+    def tile_input(z: int, r: int, c: int) -> np.ndarray:
+        if not by_rows:
+            return _prepare_tile(_read_tile(image, layout, z, ys[r], xs[c], tile), in_channels,
+                                 normalization, scale)
+        if rows["key"] != (z, r):
+            rows["key"] = (z, r)
+            rows["data"] = _prepare_tile(_read_rows(image, layout, z, ys[r], tile), in_channels,
+                                         normalization, scale)
+        return rows["data"][:, :, xs[c]:xs[c] + tile]
+
+    def batches():
+        for start in range(0, total, batch_size):
+            if _cancel_requested(cancel):
+                raise Cancelled(f"cancelled after {start} of {total} tiles")
+            chunk = tasks[start:start + batch_size]
+            yield chunk, np.stack([tile_input(z, r, c) for z, r, c in chunk])
+
     done = 0
-    for start in range(0, total, batch_size):
-        if _cancel_requested(cancel):
-            raise Cancelled(f"cancelled after {done} of {total} tiles")
-        batch_tasks = tasks[start:start + batch_size]
-        batch = np.stack([_prepare_tile(_read_tile(image, layout, z, ys[r], xs[c], tile),
-                                        in_channels, normalization, scale)
-                          for z, r, c in batch_tasks])
-        prob = runner(batch)
+    for batch_tasks, prob in runner.run_batches(batches()):
         if state["band"] is None:
             output_for(prob.shape[1])
             state["band"] = np.zeros((prob.shape[1], tile, width_padded), dtype=np.float32)
@@ -617,8 +682,8 @@ def _predict_tiles(runner: ModelRunner, image: Any, layout: ImageLayout, *, tile
             if state["zr"] is not None and state["zr"] != (z, r):
                 finish_band(*state["zr"], (z, r))
             state["zr"] = (z, r)
-            weight = wy[r][:, None] * wx[c][None, :]
-            band[:, :, xs[c]:xs[c] + tile] += p * weight
+            p *= wy[r][:, None] * wx[c][None, :]   # in place: p is this call's own output
+            band[:, :, xs[c]:xs[c] + tile] += p
         done += len(batch_tasks)
         if progress is not None:
             progress(done, total)

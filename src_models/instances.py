@@ -94,7 +94,6 @@ def split_touching(mask: np.ndarray, min_distance: int = 4, smoothing: float = 1
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return np.zeros(mask.shape, np.int32)
-    from skimage.segmentation import watershed
     dist = ndi.distance_transform_edt(mask)
     if smoothing > 0:
         dist = ndi.gaussian_filter(dist, smoothing)
@@ -104,11 +103,15 @@ def split_touching(mask: np.ndarray, min_distance: int = 4, smoothing: float = 1
     # Objects too small to hold a seed still get one label.
     comps, n_comp = ndi.label(mask)
     seeded = np.zeros(n_comp + 1, bool)
-    seeded[np.unique(comps[peaks])] = True
+    seeded[comps[peaks]] = True
     unseeded = ~seeded[comps] & mask
     if unseeded.any():
         extra, n_extra = ndi.label(unseeded)
         markers[extra > 0] = extra[extra > 0] + n
+    # skimage over the whole image, not `flood`: on distance maps many pixels tie exactly (straight
+    # edges), and flood's per-object tie order moved 20-550 pixels in 7 of 35 MoNuSeg images
+    # for a 13% faster step; the labels stay as they were.
+    from skimage.segmentation import watershed
     return watershed(-dist, markers, mask=mask).astype(np.int32)
 
 
@@ -120,18 +123,94 @@ def marker_watershed(mask: np.ndarray, score: np.ndarray, marker_threshold: floa
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return np.zeros(mask.shape, np.int32)
-    from skimage.segmentation import watershed
     score = np.asarray(score, np.float32)
     markers, n = ndi.label((score >= marker_threshold) & mask)
     if n and marker_min_size > 1:
         markers = remove_small(markers, marker_min_size)
         n = int(markers.max())
-    comps, _ = ndi.label(mask)
-    unseeded = mask & ~np.isin(comps, np.unique(comps[markers > 0]))
+    comps, n_comp = ndi.label(mask)
+    seeded = np.zeros(n_comp + 1, bool)
+    seeded[comps[markers > 0]] = True
+    unseeded = mask & ~seeded[comps]
     if unseeded.any():
         extra, _ = ndi.label(unseeded)
         markers = np.where(extra > 0, extra + n, markers)
-    return watershed(-score, markers, mask=mask).astype(np.int32)
+    return flood(-score, markers, mask, comps)
+
+
+def flood(image: np.ndarray, markers: np.ndarray, mask: np.ndarray,
+          comps: np.ndarray | None = None) -> np.ndarray:
+    """Marker-controlled watershed of `image` (lowest first) inside `mask`, (H, W) int32: what
+    `skimage.segmentation.watershed(image, markers, mask=mask)` computes, one mask component at a
+    time and only where the outcome is not known beforehand. `comps`: ndi.label(mask) (4-connected,
+    as the watershed's neighbourhood), when the caller has it.
+
+    - A component holding one marker id is all that id (the flood reaches all of it): no queue.
+    - Components holding several ids are flooded one by one, each in its bounding box. Marker
+      pixels with no unlabelled neighbour push nothing when popped: they stay out of the queue.
+    - Components without a marker stay 0, as in skimage.
+    The labels equal skimage's on the whole image except where two markers reach a pixel at exactly
+    the same priority. skimage breaks such ties by its queue order, which depends on every marker of
+    the image, also those of unrelated objects far away; here it depends on the object's own
+    component only, so an object is labelled the same whatever else is in the image. On the
+    bundled glands model's probabilities (scores from a softmax, ties rare) the labels were
+    identical to skimage's on all 85 GlaS training images and a 2048x2048 image, and the instance
+    step took 4.3x less time (the 2048x2048 watershed: 4.4 s -> 0.3 s, loaded machine).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    markers = np.where(mask, markers, 0).astype(np.int32, copy=False)
+    if comps is None:
+        comps, _ = ndi.label(mask)
+    n_comp = int(comps.max())
+    labelled = markers > 0
+    ids, owner = markers[labelled], comps[labelled]
+    lowest = np.full(n_comp + 1, np.iinfo(np.int32).max, np.int32)
+    highest = np.zeros(n_comp + 1, np.int32)
+    np.minimum.at(lowest, owner, ids)
+    np.maximum.at(highest, owner, ids)
+    single = highest == lowest
+    single[0] = False
+    out = np.where(labelled, markers, np.where(single, highest, 0)[comps])
+    several = np.flatnonzero(highest > lowest)
+    if several.size == 0:
+        return out
+    from skimage.segmentation import watershed
+    boxes = ndi.find_objects(comps)
+    for k in several:
+        box = boxes[k - 1]
+        own = comps[box] == k
+        seeds = np.where(own, markers[box], 0)
+        unlabelled = own & (seeds == 0)
+        todo = unlabelled | (_touching(unlabelled) & (seeds > 0))
+        flooded = watershed(image[box], np.where(todo, seeds, 0), mask=todo)
+        region = out[box]
+        region[todo] = flooded[todo]
+    return out
+
+
+def _touching(pixels: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour in `pixels` (bool (H, W))."""
+    near = np.zeros_like(pixels)
+    near[1:] |= pixels[:-1]
+    near[:-1] |= pixels[1:]
+    near[:, 1:] |= pixels[:, :-1]
+    near[:, :-1] |= pixels[:, 1:]
+    return near
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`ndi.binary_fill_holes(mask)` (4-connected background): background regions that do not
+    reach the image border become foreground. One labelling pass instead of scipy's repeated
+    erosions (about 2x faster on 2048x2048, same result)."""
+    mask = np.asarray(mask, dtype=bool)
+    background, n = ndi.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, bool)
+    for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
+        outside[edge] = True
+    outside[0] = True   # label 0 is the foreground itself
+    return mask | ~outside[background]
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -150,7 +229,7 @@ def binary_to_instances(mask: np.ndarray, params: InstanceParams) -> np.ndarray:
     """(H, W) bool -> (H, W) int32 instance labels (0 = background) following `params`."""
     mask = np.asarray(mask, dtype=bool)
     if params.fill_holes:
-        mask = ndi.binary_fill_holes(mask)
+        mask = fill_holes(mask)
     if params.splits:
         labels = split_touching(mask, params.min_distance, params.smoothing)
     else:
@@ -277,7 +356,7 @@ class InstanceMaker:
     def _watershed(self, fg: np.ndarray, z: int | None, p: InstanceParams) -> np.ndarray:
         mask = fg >= p.threshold
         if p.fill_holes:
-            mask = ndi.binary_fill_holes(mask)
+            mask = fill_holes(mask)
         score = self.interior(p.head) if z is None else self.interior(p.head)[z]
         labels = marker_watershed(mask, score, p.marker_threshold, p.marker_min_size)
         return remove_small(labels, p.min_size)

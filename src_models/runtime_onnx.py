@@ -49,6 +49,9 @@ PROBE_TOLERANCE = 1e-4
 EXPORT_FORMAT = 1
 OPSET = 18
 INSTALL_HINT = "pip install onnxruntime onnx onnxscript"
+# How many batches of tiles the exported graph runs at once (each on threads // workers threads);
+# 1 = one batch at a time on all threads.
+GRAPH_WORKERS_DEFAULT = 1
 
 
 class RuntimeFallbackWarning(RuntimeWarning):
@@ -280,6 +283,15 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
         return (0.5 * (1.0 + np.tanh(0.5 * logits))).astype(np.float32)  # sigmoid without overflow
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def thread_plan(threads: int, workers: int | None = None) -> tuple[int, int]:
+    """(batches run at once, ONNX Runtime intra-op threads per batch) for `threads` CPU threads.
+    workers None: GRAPH_WORKERS_DEFAULT; the threads are shared out among the workers."""
+    threads = max(1, int(threads))
+    workers = GRAPH_WORKERS_DEFAULT if workers is None else int(workers)
+    workers = max(1, min(workers, threads)) if workers > 0 else 1
+    return workers, max(1, threads // workers)
 
 
 def torch_imported() -> bool:

@@ -106,3 +106,66 @@ def test_empty_and_bad_inputs():
     assert InstanceMaker(np.zeros((10, 10), np.float32)).labels().max() == 0
     with pytest.raises(ValueError, match="shape"):
         InstanceMaker(np.zeros((2, 2, 2, 2)))
+
+
+def _blobs_with_markers(seed: int, size: int = 96):
+    """A mask of touching random discs, a continuous score (no two pixels equal) and markers:
+    1-3 seed pixels per blob, some blobs without any."""
+    from scipy import ndimage as ndi
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    mask = np.zeros((size, size), bool)
+    score = rng.random((size, size)) * 1e-3
+    for _ in range(12):
+        cy, cx, r = rng.integers(8, size - 8), rng.integers(8, size - 8), rng.integers(4, 12)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        mask |= disc
+        score += np.where(disc, 1.0 - np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / (r + 1), 0.0)
+    markers = np.zeros((size, size), np.int32)
+    points = np.argwhere(mask)
+    for i, (y, x) in enumerate(points[rng.choice(len(points), 20, replace=False)], start=1):
+        markers[y, x] = i
+    return mask, score, markers, ndi.label(mask)[0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flood_gives_skimages_watershed_labels(seed):
+    from skimage.segmentation import watershed
+    from src_models.instances import flood
+    mask, score, markers, comps = _blobs_with_markers(seed)
+    expected = watershed(-score, markers, mask=mask)
+    np.testing.assert_array_equal(flood(-score, markers, mask, comps), expected)
+    np.testing.assert_array_equal(flood(-score, markers, mask), expected)
+
+
+def test_flood_labels_an_object_the_same_whatever_else_is_in_the_image():
+    from src_models.instances import flood
+    mask, score, markers, comps = _blobs_with_markers(1)
+    alone = flood(-score, markers, mask, comps)
+    # a second copy of the picture beside the first one, with a flat score (all ties)
+    wide = lambda a, b: np.concatenate([a, b], axis=1)  # noqa: E731
+    both = flood(wide(-score, np.zeros_like(score)), wide(markers, markers + 100 * (markers > 0)),
+                 wide(mask, mask))
+    np.testing.assert_array_equal(both[:, :mask.shape[1]], alone)
+
+
+def test_flood_fills_a_component_with_one_marker_and_leaves_unmarked_ones_empty():
+    from src_models.instances import flood
+    mask = np.zeros((20, 20), bool)
+    mask[2:8, 2:8] = True
+    mask[12:18, 12:18] = True
+    markers = np.zeros((20, 20), np.int32)
+    markers[4, 4] = 7
+    out = flood(np.zeros((20, 20)), markers, mask)
+    assert out.dtype == np.int32
+    assert (out[2:8, 2:8] == 7).all() and (out[12:18, 12:18] == 0).all() and out[~mask].max() == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fill_holes_matches_scipy(seed):
+    from scipy import ndimage as ndi
+    from src_models.instances import fill_holes
+    rng = np.random.default_rng(seed)
+    mask = ndi.binary_opening(rng.random((80, 90)) < 0.55)   # blobs with holes, some at the border
+    np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+    assert fill_holes(np.ones((5, 5), bool)).all() and not fill_holes(np.zeros((5, 5), bool)).any()
