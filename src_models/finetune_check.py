@@ -290,9 +290,11 @@ def choose_postprocessing(prob: np.ndarray, box: tuple[slice, slice], labels: np
 # --------------------------------------------------------------------------- the decision
 DICE_MARGIN = 0.02        # pixel Dice the held-back part may lose (object scores may not drop)
 REPLAY_TOLERANCE = 0.01   # pixel Dice the replay crops may lose
-# Objects found may move this share of the corrected count farther from it (0 below 10 objects:
-# there one merge is the failure to catch; among 100 nuclei the object score sees merges itself).
-COUNT_SLACK = 0.1
+# The number of objects found is compared only on a check of fewer corrected objects than this:
+# there one merge is the failure to catch; among tens of nuclei the object score sees merges itself,
+# and the count moves with every nucleus the ground truth left out (MoNuSeg TCGA-21-5786: AJI
+# 0.27 -> 0.35 on the held-back part, 38 -> 46 objects found for 30 corrected).
+COUNT_CHECK_BELOW = 10
 
 
 def score_text(before: RegionScore, after: RegionScore, field: str = "score") -> str:
@@ -311,8 +313,8 @@ def judge_round(check_before: RegionScore, check_after: RegionScore,
     held back): the object score may not drop, the pixel Dice may not drop by more than
     `dice_margin` (a round that wipes out the only held-back gland leaves an object score of 0 -> 0
     but a Dice of 0.6 -> 0), and the number of objects found may not move away from the number
-    corrected (a merge or a split the object score can miss on one or two objects; by at most
-    `COUNT_SLACK` of the corrected count). On the replay
+    corrected (a merge or a split the object score can miss on one or two objects; only on a check
+    of fewer than `COUNT_CHECK_BELOW` objects). On the replay
     crops: the pixel Dice may not drop by more than `replay_tolerance` (their object score moves
     ~0.05 per object on a few cut crops: noise), and when nothing was held back (the check then
     saw only trained-on objects, which a round always fits) no replay object may be lost either."""
@@ -322,7 +324,7 @@ def judge_round(check_before: RegionScore, check_after: RegionScore,
         return False, f"rolled back, worse on {where} ({score_text(b, a)})"
     if a.dice < b.dice - dice_margin:
         return False, f"rolled back, worse on {where} ({score_text(b, a, 'dice')})"
-    if a.count_error > b.count_error + int(COUNT_SLACK * b.objects):
+    if b.objects < COUNT_CHECK_BELOW and a.count_error > b.count_error:
         return False, (f"rolled back, found {a.predicted} objects where you corrected {a.objects} on "
                        f"{where} (before: {b.predicted})")
     rb, ra = replay_before, replay_after
