@@ -65,6 +65,26 @@ def fresh_process(monkeypatch):
     monkeypatch.setattr(runtime_onnx, "_checked_sessions", {})
 
 
+def test_batches_side_by_side_give_the_same_output_in_order(tiny):
+    """graph_workers > 1: batches run on a pool, results come back in their order, equal to one
+    batch at a time with the same ONNX Runtime threads per batch."""
+    one = ModelRunner(tiny, torch.device("cpu"), runtime="onnx", graph_workers=1)
+    pool = ModelRunner(tiny, torch.device("cpu"), runtime="onnx", graph_workers=1)
+    pool.graph_workers = 3   # as thread_plan gives on a machine with 3+ threads
+    assert pool.graph_threads == one.graph_threads
+    image = rgb(200, 170)
+    card = {"tile_size": TILE}
+    expected = predict(tiny, image, card, batch_size=2, runner=one)
+    np.testing.assert_array_equal(predict(tiny, image, card, batch_size=2, runner=pool), expected)
+    batches = [(i, RNG.normal(size=(2, 3, TILE, TILE)).astype(np.float32)) for i in range(7)]
+    out = list(pool.run_batches(iter(batches)))
+    assert [tag for tag, _ in out] == list(range(7))
+    for (_, batch), (_, prob) in zip(batches, out):
+        np.testing.assert_array_equal(prob, one(batch))
+    assert runtime_onnx.thread_plan(2, 2) == (2, 1) and runtime_onnx.thread_plan(1, 2) == (1, 1)
+    assert runtime_onnx.thread_plan(4, 1) == (1, 4)
+
+
 def test_cache_is_reused_and_a_new_tile_size_or_new_weights_get_a_new_entry(tiny, cache, monkeypatch,
                                                                              fresh_process):
     def no_export(*args, **kwargs):
