@@ -12,8 +12,8 @@ Steps, each measured run in a fresh subprocess (so its memory is its own):
    tifffile an iterator of tiles, so memory does not grow with the slide (its peak RSS is recorded).
 2. segment it with tissue detection (only chunks touching tissue)
 3. without tissue detection (every chunk): the whole slide, or with --off-region only the cores
-   meeting that level-0 box, extrapolated to the whole slide by the number of chunks (the result
-   says so)
+   meeting that level-0 box, extrapolated to the whole slide by its area (the result says so);
+   --on-region does the same for step 2, extrapolated by the tissue area
    -> wall time, CPU time, tissue MP/s (tissue megapixels / wall time), slides per hour, peak RSS
 4. (--workers-check) the same medium slide copied WORKERS_SLIDES times through the dask
    LocalCluster with 1 and with 2 single-threaded workers, interleaved 1, 2, 1, 2, ... for
@@ -216,14 +216,34 @@ def segment_run(args, slide: Path, out: Path, tissue_on: bool, region=None) -> d
     r["tissue_mp_per_s"] = r["tissue_mp"] / r["wall_s"]
     r["slides_per_hour"] = 3600.0 / r["wall_s"]
     if region:
-        # a sample of the cores: scaled to the whole slide by the number of cores
+        # a sample: scaled to the whole slide by its tissue (tissue off: by its area)
         cores_in = r["chunks_segmented"]
-        scale = r["chunks"] / cores_in
+        scale = r["tissue_mp"] / r["region_tissue_mp"]
         r["extrapolated"] = {"from_cores": cores_in, "of_cores": r["chunks"], "scale": scale,
                              "wall_s": r["wall_s"] * scale, "objects": r["objects"] * scale,
                              "tissue_mp_per_s": r["tissue_mp"] / (r["wall_s"] * scale),
                              "slides_per_hour": 3600.0 / (r["wall_s"] * scale)}
     return r
+
+
+def runtimes_check(args, slide: Path, tmp: Path) -> dict:
+    """The tissue-on run with torch and with the exported graph, alternating, `rounds` times."""
+    runs: dict[str, list[dict]] = {"torch": [], "onnx": []}
+    runtime = args.runtime
+    try:
+        for rnd in range(args.runtimes_check):
+            for name in ("torch", "onnx"):
+                args.runtime = name
+                log(f"runtimes check: round {rnd + 1}, {name}")
+                runs[name].append(segment_run(args, slide, tmp / f"rt_{name}", True))
+    finally:
+        args.runtime = runtime
+    out = {k: {"median_wall_s": statistics.median(r["wall_s"] for r in v),
+               "median_cpu_s": statistics.median(r["cpu_s"] for r in v),
+               "walls": [r["wall_s"] for r in v], "objects": [r["objects"] for r in v],
+               "loads": [r["load_average_1min"] for r in v]} for k, v in runs.items()}
+    out["onnx_speedup"] = out["torch"]["median_wall_s"] / out["onnx"]["median_wall_s"]
+    return out
 
 
 def workers_check(tmp: Path, args) -> dict:
@@ -274,8 +294,13 @@ def main(argv=None) -> int:
     p.add_argument("--skip-off", action="store_true", help="skip the tissue-detection-off run")
     p.add_argument("--off-region", type=int, nargs=4, default=None, metavar=("Y0", "Y1", "X0", "X1"),
                    help="time the tissue-off run on the cores meeting this box only, and "
-                        "extrapolate to the whole slide by the number of cores")
+                        "extrapolate to the whole slide by its area")
+    p.add_argument("--on-region", type=int, nargs=4, default=None, metavar=("Y0", "Y1", "X0", "X1"),
+                   help="time the tissue-on run on the cores meeting this box only, and "
+                        "extrapolate to the whole slide by its tissue area")
     p.add_argument("--off-first", action="store_true", help="run the tissue-off run first")
+    p.add_argument("--runtimes-check", type=int, default=0, metavar="ROUNDS",
+                   help="also run the tissue-on run with torch and onnx alternately, ROUNDS times")
     p.add_argument("--workers-check", action="store_true")
     p.add_argument("--workers-size", type=int, default=2048)
     p.add_argument("--workers-slides", type=int, default=4)
@@ -304,14 +329,15 @@ def main(argv=None) -> int:
     command = "python benchmarks/bench_slide.py " + " ".join(argv if argv is not None
                                                              else sys.argv[1:])
     try:
-        slide, rows = slide_for(args, keep)
+        needs_slide = not (args.skip_on and args.skip_off) or args.runtimes_check
+        slide, rows = slide_for(args, keep) if needs_slide else (None, {"generate": None})
         if rows["generate"]:
             g = rows["generate"]
             log(f"generated {slide}: {g['wall_s']:.0f} s, peak RSS {g['peak_tree_rss_mb']:.0f} MB")
         if args.generate_only:
             print(json.dumps(rows, indent=1))
             return 0
-        runs = ([] if args.skip_on else [("tissue detection on", True, None)]) + \
+        runs = ([] if args.skip_on else [("tissue detection on", True, args.on_region)]) + \
             ([] if args.skip_off else [("tissue detection off", False, args.off_region)])
         if args.off_first:   # the short sampled run first, so a long run stopped late loses less
             runs.reverse()
@@ -330,6 +356,9 @@ def main(argv=None) -> int:
             rows[name] = r
             log(f"{name}: {r['summary']}; peak RSS (process tree) {r['peak_tree_rss_mb']:.0f} MB;"
                 f" load {r['load_average_1min']}")
+            save()
+        if args.runtimes_check:
+            rows["runtimes"] = runtimes_check(args, slide, tmp)
             save()
         if args.workers_check:
             rows["workers"] = workers_check(tmp, args)
@@ -350,10 +379,11 @@ def markdown(rows: dict, args) -> str:
     lines = [f"# Whole-slide benchmark, {args.size} x {args.size} generated slide",
              "", f"Command: `{rows['command']}`", f"Machine: {rows['machine']}",
              f"Finished: {rows['finished_utc']} UTC", "",
-             f"Slide: Aperio-layout JPEG pyramid, {rows['slide_bytes'] / 1e6:.0f} MB, true tissue "
-             f"{rows['true_tissue_fraction']:.1%}"
-             + (f", generated in {g['wall_s']:.0f} s at a peak RSS of "
-                f"{g['peak_tree_rss_mb']:.0f} MB" if g else " (generated earlier)"),
+             (f"Slide: Aperio-layout JPEG pyramid, {rows['slide_bytes'] / 1e6:.1f} MB, true tissue "
+              f"{rows['true_tissue_fraction']:.1%}"
+              + (f", generated in {g['wall_s']:.0f} s at a peak RSS of "
+                 f"{g['peak_tree_rss_mb']:.0f} MB" if g else " (generated earlier)"))
+             if "slide_bytes" in rows else "",
              "", "| run | wall s | CPU s | tissue MP | tissue MP/s | slides/hour | chunks segmented "
              "| objects | peak RSS MB (process tree) | load average (1 min: min / median / max) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -369,8 +399,9 @@ def markdown(rows: dict, args) -> str:
                      f"{r['peak_tree_rss_mb']:.0f} | {_load(r)} |")
         if r.get("extrapolated"):
             e = r["extrapolated"]
-            lines.append(f"| {name}, whole slide **extrapolated** ×{e['scale']:.1f} from "
-                         f"{e['from_cores']} of {e['of_cores']} cores | ~{e['wall_s']:.0f} | - | "
+            lines.append(f"| {name}, whole slide **extrapolated** ×{e['scale']:.2f} (by tissue"
+                         f" area) from {e['from_cores']} of {e['of_cores']} cores | "
+                         f"~{e['wall_s']:.0f} | - | "
                          f"{r['tissue_mp']:.1f} | ~{e['tissue_mp_per_s']:.3f} | "
                          f"~{e['slides_per_hour']:.2f} | - | ~{e['objects']:.0f} | - | - |")
     for name in ("tissue detection on", "tissue detection off"):
@@ -379,6 +410,16 @@ def markdown(rows: dict, args) -> str:
             lines.append("")
             lines.append(f"{name}, seconds per stage: " + ", ".join(
                 f"{k} {v:.0f}" for k, v in r["stages"].items()) + f"; runtime {r['runtime']}")
+    if "runtimes" in rows:
+        rt = rows["runtimes"]
+        lines += ["", "Runtimes, tissue-on run, alternating torch / onnx:", "",
+                  "| runtime | median wall s | median CPU s | runs (wall s) | objects |",
+                  "|---|---|---|---|---|"]
+        for k in ("torch", "onnx"):
+            r = rt[k]
+            lines.append(f"| {k} | {r['median_wall_s']:.1f} | {r['median_cpu_s']:.1f} | "
+                         + ", ".join(f"{x:.1f}" for x in r["walls"]) + f" | {r['objects']} |")
+        lines.append(f"\nonnx against torch, wall: {rt['onnx_speedup']:.2f}x")
     if "workers" in rows:
         w = rows["workers"]
         lines += ["", f"LocalCluster workers, one thread each, on {w['slide']} ({w['order']}; "
