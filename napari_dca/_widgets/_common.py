@@ -10,7 +10,8 @@ from qtpy.QtWidgets import QComboBox
 __all__ = ["show_error", "show_info", "show_warning", "UserError", "find_owned_layer", "LayerCombo",
            "owned_metadata", "available_devices", "resolve_device", "check_image", "check_channels",
            "worker_threads", "layer_region", "image_key", "image_by_key", "is_edited", "track_edits",
-           "alive", "add_layer_keeping_selection", "find_owned_layers", "owner"]
+           "alive", "add_layer_keeping_selection", "find_owned_layers", "owner", "current_plane",
+           "check_plane_image", "shapes_region", "warm_up"]
 
 OWNER_KEY = "napari_dca"  # layer.metadata[OWNER_KEY] = {"role": ..., "source": ...} marks our layers
 IMAGE_KEY = "napari_dca_image_id"  # a stable id in an image layer's metadata: survives renaming
@@ -108,12 +109,50 @@ def check_image(layer) -> np.ndarray:
     spatial = data.ndim - (1 if rgb else 0)
     if spatial != 2:
         what = "an RGB stack" if rgb else "a stack"
-        raise UserError(f"'{layer.name}' is {what} of shape {tuple(data.shape)}; napari-dca segments "
-                        f"2D images. Take one plane first (e.g. layer.data[i] in the console, or "
-                        f"Image > Split stack).")
+        raise UserError(f"'{layer.name}' is {what} of shape {tuple(data.shape)}; this works on "
+                        f"2D images (the Segment widget does the plane on screen). Take one plane "
+                        f"first (e.g. layer.data[i] in the console, or Image > Split stack).")
     if rgb and data.shape[-1] not in (3, 4):
         raise UserError(f"'{layer.name}' has {data.shape[-1]} colour channels; expected RGB or RGBA.")
     return data
+
+
+def current_plane(viewer, layer) -> tuple[int, ...]:
+    """The indices of the plane of a stack `layer` ((T, Y, X), (Z, Y, X, 3), ...) that the viewer
+    shows now (from viewer.dims), as its leading data indices; () for a 2D image. UserError when
+    the canvas does not show the image's last two axes (e.g. a rolled or 3D view)."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    rgb = bool(getattr(layer, "rgb", False))
+    lead = data.ndim - (1 if rgb else 0) - 2
+    if lead <= 0:
+        return ()
+    displayed = tuple(viewer.dims.displayed)
+    ndim = viewer.dims.ndim
+    if len(displayed) != 2 or tuple(d - (ndim - layer.ndim) for d in displayed) != (layer.ndim - 2,
+                                                                                    layer.ndim - 1):
+        raise UserError(f"'{layer.name}' is a stack and the canvas does not show one of its planes "
+                        f"(rows x columns); switch to the 2D view with its last two axes shown.")
+    point = np.asarray(layer.world_to_data(viewer.dims.point))[:lead]
+    return tuple(int(np.clip(np.round(v), 0, n - 1)) for v, n in zip(point, data.shape[:lead]))
+
+
+def check_plane_image(viewer, layer):
+    """-> (2D image of the plane the viewer shows, plane indices, stack shape of the labels):
+    for a 2D image (image, (), ()); for a stack (stack[plane], plane, stack's (..., Y, X))."""
+    if layer is None:
+        return check_image(layer), (), ()
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    rgb = bool(getattr(layer, "rgb", False))
+    if data.ndim - (1 if rgb else 0) <= 2:
+        return check_image(layer), (), ()
+    if getattr(layer, "multiscale", False):
+        raise UserError(f"'{layer.name}' is a multiscale stack; napari-dca segments 2D slides and "
+                        f"stacks of plain planes.")
+    if rgb and data.shape[-1] not in (3, 4):
+        raise UserError(f"'{layer.name}' has {data.shape[-1]} colour channels; expected RGB or RGBA.")
+    plane = current_plane(viewer, layer)
+    stack_shape = tuple(int(n) for n in (data.shape[:-1] if rgb else data.shape))
+    return data[plane], plane, stack_shape
 
 
 def check_channels(layer, data, model, card) -> None:
@@ -130,9 +169,34 @@ def check_channels(layer, data, model, card) -> None:
                     f"images in the Model widget (e.g. the bundled 'nuclei' or 'glands').")
 
 
-def layer_region(layer, shape: tuple[int, int]) -> tuple[slice, slice]:
+def visible_box(viewer, layer):
+    """(lo, hi) level-0 pixel coordinates (rows, cols) of what the canvas shows of `layer`, from
+    the camera (napari's corner pixels of a multiscale layer are widened to whole chunks, which
+    can be a whole level); None without a 2D canvas."""
+    size = getattr(getattr(viewer, "canvas", None), "size", None) or getattr(viewer, "_canvas_size", None)
+    try:
+        if size is None or len(viewer.dims.displayed) != 2 or min(size) < 2:
+            return None
+        center = np.asarray(viewer.camera.center, float)[-2:]
+        half = np.asarray(size, float)[-2:] / (2.0 * float(viewer.camera.zoom))
+    except Exception:
+        return None
+    scale, translate = np.asarray(layer.scale, float)[-2:], np.asarray(layer.translate, float)[-2:]
+    # pixel i covers [i - 0.5, i + 0.5) in data coordinates
+    return (center - half - translate) / scale + 0.5, (center + half - translate) / scale + 0.5
+
+
+def layer_region(layer, shape: tuple[int, int], viewer=None) -> tuple[slice, slice]:
     """The part of `layer` the canvas shows now, as (rows, cols) slices of its data, clipped to
-    `shape`; the whole image when nothing sensible is known (no canvas yet, region under 16 px)."""
+    `shape`; the whole image when nothing sensible is known (no canvas yet, region under 16 px).
+    With `viewer`, from its camera; else from the layer's corner pixels."""
+    box = visible_box(viewer, layer) if viewer is not None else None
+    if box is not None:
+        lo = np.clip(np.floor(box[0]), 0, shape).astype(int)
+        hi = np.clip(np.ceil(box[1]), 0, shape).astype(int)
+        if np.any(hi - lo < 16):
+            return slice(0, shape[0]), slice(0, shape[1])
+        return slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1]))
     corners = np.asarray(getattr(layer, "corner_pixels", np.zeros((2, 0))))
     if corners.shape[-1] < 2:
         return slice(0, shape[0]), slice(0, shape[1])
@@ -282,3 +346,39 @@ class LayerCombo(QComboBox):
         idx = self.findText(name)
         if idx >= 0:
             self.setCurrentIndex(idx)
+
+
+def shapes_region(image_layer, shapes_layer, shape: tuple[int, int]) -> tuple[slice, slice]:
+    """The bounding box of the shapes drawn in `shapes_layer`, as (rows, cols) slices of the
+    image's pixels (level 0 of a multiscale image), clipped to `shape`."""
+    if shapes_layer is None or len(shapes_layer.data) == 0:
+        name = getattr(shapes_layer, "name", "the Shapes layer")
+        raise UserError(f"'{name}' has no shapes: draw a rectangle around the region to segment.")
+    points = np.concatenate([np.asarray(v, float)[:, -2:] for v in shapes_layer.data])
+    world = points * np.asarray(shapes_layer.scale)[-2:] + np.asarray(shapes_layer.translate)[-2:]
+    pixels = (world - np.asarray(image_layer.translate)[-2:]) / np.asarray(image_layer.scale)[-2:]
+    lo = np.clip(np.floor(pixels.min(0) + 0.5), 0, shape).astype(int)
+    hi = np.clip(np.ceil(pixels.max(0) + 0.5), 0, shape).astype(int)
+    if np.any(hi - lo < 1):
+        raise UserError(f"The shapes in '{shapes_layer.name}' do not overlap '{image_layer.name}'.")
+    return slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1]))
+
+
+_WARMED = []
+
+
+def warm_up() -> None:
+    """Imports what napari's first Labels layer needs (pandas, for layer features) in a background
+    thread, once per process: imported on the GUI thread it froze the viewer for ~1 s at the
+    first result."""
+    if _WARMED:
+        return
+    _WARMED.append(True)
+    import threading
+
+    def work():
+        try:
+            import pandas  # noqa: F401
+        except Exception:
+            pass
+    threading.Thread(target=work, name="napari-dca warm-up", daemon=True).start()

@@ -328,7 +328,7 @@ class AttentionWidget(QWidget):
         if query is not None and not self.visible_only.isChecked():
             region = tile_around(query, shape, tile)
         else:
-            rows, cols = layer_region(layer, shape)
+            rows, cols = layer_region(layer, shape, self.viewer)
             cy, cx = (rows.start + rows.stop) // 2, (cols.start + cols.stop) // 2
             half = MAX_REGION // 2
             region = (max(rows.start, cy - half), min(rows.stop, cy + half),

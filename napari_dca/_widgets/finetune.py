@@ -15,7 +15,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 
 from ._common import (Connections, LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
                       check_image, find_owned_layer, image_by_key, image_key, is_edited,
-                      owned_metadata, owner, show_error, show_info)
+                      owned_metadata, owner, show_error, show_info, warm_up)
 from ._jobs import JobPanel
 from ._layout import scrolling, style_axes, theme_colors
 from ._state import add_recent_checkpoint, get_state, remember, remembered
@@ -42,6 +42,7 @@ class Round:
     stopped: str
     outcome: str = ""                 # the engine's summary of the round, when it gives one
     saved_as: str = ""
+    changes: tuple | None = None      # compare(old labels, new labels), made in the worker
 
 
 def _owner(layer) -> dict:
@@ -63,10 +64,26 @@ def engine_summary(out) -> str:
     return ""
 
 
-def corrections_on_image(image_layer, labels_layer, shapes_layer, shape) -> tuple[np.ndarray, np.ndarray]:
+def labels_window(image_layer, labels_layer, shape) -> tuple[slice, slice]:
+    """The part of the image (rows, cols of its level-0 pixels) that `labels_layer` covers, by its
+    translate: a region result of a slide covers a window of it."""
+    scale = np.asarray(image_layer.scale)[-2:]
+    offset = np.round((np.asarray(labels_layer.translate)[-2:] - np.asarray(image_layer.translate)[-2:])
+                      / scale).astype(int)
+    size = np.asarray(labels_layer.data.shape[-2:])
+    lo = np.clip(offset, 0, shape)
+    hi = np.clip(offset + size, 0, shape)
+    if np.any(hi <= lo):
+        raise UserError(f"'{labels_layer.name}' does not overlap '{image_layer.name}'.")
+    return slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1]))
+
+
+def corrections_on_image(image_layer, labels_layer, shapes_layer, shape,
+                         origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
     """(labels (H, W) int copy aligned with the image, reviewed-pixels mask (H, W) bool).
 
-    Labels that cover only part of the image (e.g. a visible-region run) are placed by their
+    `shape` is that of the image, or of a window of it starting at image pixel `origin` (a region
+    of a slide). Labels that cover only part of it (e.g. a visible-region run) are placed by their
     translate; only that part counts as reviewed, intersected with the Shapes layer if one is given."""
     h, w = shape
     data = np.asarray(labels_layer.data)
@@ -75,7 +92,7 @@ def corrections_on_image(image_layer, labels_layer, shapes_layer, shape) -> tupl
                         f"image.")
     scale = np.asarray(image_layer.scale)[-2:]
     offset = np.round((np.asarray(labels_layer.translate)[-2:] - np.asarray(image_layer.translate)[-2:])
-                      / scale).astype(int)
+                      / scale).astype(int) - np.asarray(origin, int)
     labels = np.zeros((h, w), np.int32)
     valid = np.zeros((h, w), bool)
     y0, x0 = max(0, offset[0]), max(0, offset[1])
@@ -88,31 +105,71 @@ def corrections_on_image(image_layer, labels_layer, shapes_layer, shape) -> tupl
         if len(shapes_layer.data) == 0:
             raise UserError(f"'{shapes_layer.name}' has no shapes: draw a rectangle or polygon around "
                             f"the region you reviewed, or choose 'whole labels layer'.")
-        masks = shapes_layer.to_masks(mask_shape=(h, w))
-        valid &= np.asarray(masks).any(axis=0)
+        if tuple(origin) == (0, 0):
+            valid &= np.asarray(shapes_layer.to_masks(mask_shape=(h, w))).any(axis=0)
+        else:  # a window of a slide: rasterise only the window
+            valid &= shapes_mask(image_layer, shapes_layer, (h, w), origin)
     return labels, valid
 
 
+def shapes_mask(image_layer, shapes_layer, shape, origin=(0, 0)) -> np.ndarray:
+    """(H, W) bool: inside any shape of `shapes_layer`, on the image's pixel grid from `origin`
+    (only the window is rasterised, never a whole slide)."""
+    from skimage.draw import polygon2mask
+
+    mask = np.zeros(shape, bool)
+    to_world = np.asarray(shapes_layer.scale)[-2:], np.asarray(shapes_layer.translate)[-2:]
+    img_scale, img_translate = np.asarray(image_layer.scale)[-2:], np.asarray(image_layer.translate)[-2:]
+    for vertices, kind in zip(shapes_layer.data, shapes_layer.shape_type):
+        pts = np.asarray(vertices, float)[:, -2:] * to_world[0] + to_world[1]
+        pts = (pts - img_translate) / img_scale - np.asarray(origin, float)
+        if kind in ("line", "path") or len(pts) < 3:
+            continue
+        if kind == "ellipse":
+            from skimage.draw import ellipse
+            (cy, cx), (ry, rx) = pts.mean(0), (pts.max(0) - pts.min(0)) / 2
+            rr, cc = ellipse(cy, cx, max(ry, 0.5), max(rx, 0.5), shape=shape)
+            mask[rr, cc] = True
+        else:
+            mask |= polygon2mask(shape, pts)
+    return mask
+
+
 class LossPlot(QWidget):
-    """A small live plot of the training loss (matplotlib)."""
+    """A small live plot of the training loss (matplotlib).
+
+    Drawing is the slow part (~0.1-0.5 s a frame on a loaded CPU, all on the GUI thread), so new
+    values only move the line's data and the figure is redrawn at most every REDRAW_MS; the axes
+    and the layout are made once, not per value."""
+    REDRAW_MS = 500
 
     def __init__(self, viewer=None, parent=None):
         super().__init__(parent)
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
+        from qtpy.QtCore import QTimer
 
         self.colors = theme_colors(viewer)
-        self.figure = Figure(figsize=(3.0, 1.5), dpi=90, tight_layout=True)
+        self.figure = Figure(figsize=(3.0, 1.5), dpi=90)
+        self.figure.subplots_adjust(left=0.2, right=0.97, top=0.95, bottom=0.3)
         self.figure.patch.set_facecolor(self.colors["background"])
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(110)
         self.canvas.setMaximumHeight(180)
         self.canvas.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
         self.axes = self.figure.add_subplot(111)
+        self.axes.set_xlabel("step", fontsize=8)
+        self.axes.set_ylabel("loss", fontsize=8)
+        style_axes(self.axes, self.colors)
+        (self.line,) = self.axes.plot([], [], color=self.colors["highlight"], lw=1.5)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
         self.values: list[float] = []
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(self.REDRAW_MS)
+        self._timer.timeout.connect(self._draw)
         self.clear()
 
     def clear(self) -> None:
@@ -121,18 +178,29 @@ class LossPlot(QWidget):
 
     def append(self, value: float) -> None:
         self.values.append(float(value))
-        self._draw()
+        if not self._timer.isActive():  # at most one redraw per REDRAW_MS, whatever the step rate
+            self._timer.start()
 
     def _draw(self) -> None:
-        ax = self.axes
-        ax.clear()
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel("loss", fontsize=8)
-        style_axes(ax, self.colors)
+        x = np.arange(1, len(self.values) + 1)
+        self.line.set_data(x, self.values)
         if self.values:
-            ax.plot(np.arange(1, len(self.values) + 1), self.values, color=self.colors["highlight"],
-                    lw=1.5)
+            lo, hi = min(self.values), max(self.values)
+            pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 0.05
+            self.axes.set_xlim(0.5, max(len(self.values), 2) + 0.5)
+            self.axes.set_ylim(lo - pad, hi + pad)
         self.canvas.draw_idle()
+
+
+def compare(before: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """(changes map: 1 where only the new labels have an object, 2 where only the old ones do;
+    pixels newly found; pixels no longer found). Made in the worker: big images take a while."""
+    changes = np.zeros(before.shape, np.uint8)
+    new_only = (after > 0) & (before == 0)
+    old_only = (after == 0) & (before > 0)
+    changes[new_only] = 1
+    changes[old_only] = 2
+    return changes, int(new_only.sum()), int(old_only.sum())
 
 
 def check_same_grid(image_layer, labels_layer, shape) -> None:
@@ -228,6 +296,7 @@ class FinetuneWidget(QWidget):
                                          (self.state.events.jobs, self._on_busy)])
         self.destroyed.connect(lambda *_: self._disconnect())
         self.suggest_labels()
+        warm_up()
 
     def _disconnect(self):
         self._connections.disconnect()
@@ -296,20 +365,27 @@ class FinetuneWidget(QWidget):
             check_channels(image_layer, data, self.state.model, self.state.card)
             shape = data.shape[:2]
             check_same_grid(image_layer, labels_layer, shape)
-            labels, valid = corrections_on_image(image_layer, labels_layer, self.region.layer(), shape)
+            # a slide is never read whole: fine-tune on the window its labels cover
+            window = (labels_window(image_layer, labels_layer, shape)
+                      if getattr(image_layer, "multiscale", False) else
+                      (slice(0, shape[0]), slice(0, shape[1])))
+            origin = (window[0].start, window[1].start)
+            wshape = (window[0].stop - window[0].start, window[1].stop - window[1].start)
+            labels, valid = corrections_on_image(image_layer, labels_layer, self.region.layer(),
+                                                 wshape, origin)
             if not valid.any():
                 raise UserError("The reviewed region does not overlap the labels: draw it over the "
                                 "part you corrected.")
         except UserError as err:
             show_error(str(err))
             return
-        image = np.asarray(data)
+        image = np.asarray(data[window]) if getattr(image_layer, "multiscale", False) else np.asarray(data)
         state = self.state
         old_model, old_card, device = state.model, state.card, state.device
         old_checkpoint, old_saved = state.checkpoint, state.saved
         old_tag = state.model_tag()
         source, name = image_key(image_layer), image_layer.name
-        full = (slice(0, shape[0]), slice(0, shape[1]))
+        full = window
         previous = state.results.get(source)
         # the old model's own prediction of this image, when the cached one is exactly that
         cached = previous if (previous is not None and previous.region == full
@@ -336,14 +412,14 @@ class FinetuneWidget(QWidget):
                 result = SegmentResult(source, name, task, full, probs, maker, scale, translate,
                                        threshold=threshold if threshold is not None else maker.params.threshold,
                                        min_size=min_size if min_size is not None else maker.params.min_size,
-                                       model_tag=tag)
+                                       model_tag=tag, image_shape=tuple(shape))
                 result.make_labels()
                 return result
 
             out = finetune(old_model, image, labels, region=valid, steps=steps, lr=lr, train=train,
                            card=old_card, progress=progress, cancel=cancel.is_set)
             if not getattr(out, "kept", True):  # the engine rolled the round back: nothing changes
-                return out, None, None, None
+                return out, None, None, None, None
             card = out.card(old_card, parent=(old_checkpoint if old_saved else None) or None)
             report(0, 0, stage="segmenting with the new model…")
             tuned = getattr(out, "instance_params", None) or {}
@@ -355,10 +431,10 @@ class FinetuneWidget(QWidget):
             else:
                 report(0, 0, stage="segmenting with the previous model (for the comparison)…")
                 before = segment(old_model, old_card, old_tag)
-            return out, card, new_result, before
+            return out, card, new_result, before, compare(before.labels, new_result.labels)
 
         def done(value):
-            out, card, new_result, before = value
+            out, card, new_result, before, changes = value
             if new_result is None:
                 loss = (f"loss {out.loss_history[0]:.3f} → {out.loss_history[-1]:.3f}. "
                         if out.loss_history else "")
@@ -370,7 +446,7 @@ class FinetuneWidget(QWidget):
                                      f"kept as the current model (not saved yet).")
             self.round = Round(old_model, old_card, old_checkpoint, old_saved, before, previous,
                                old_layers, out.model, card, new_result, list(out.loss_history),
-                               out.stopped, outcome=engine_summary(out))
+                               out.stopped, outcome=engine_summary(out), changes=changes)
             self._apply_new()
 
         self.jobs.run(job, done, "fine-tuning",
@@ -392,8 +468,7 @@ class FinetuneWidget(QWidget):
         loss = f"loss {r.losses[0]:.3f} → {r.losses[-1]:.3f}" if r.losses else "no step finished"
         before, after = r.old_result, r.new_result
         what = "classes" if after.task == "semantic" else "objects"
-        added = int(((after.labels > 0) & (before.labels == 0)).sum())
-        removed = int(((after.labels == 0) & (before.labels > 0)).sum())
+        _, added, removed = r.changes if r.changes is not None else compare(before.labels, after.labels)
         change_text = (f"Previous model vs fine-tuned model on '{after.image_name}': {what} "
                        f"{before.n_objects} → {after.n_objects}; {added} px newly found, {removed} px "
                        f"no longer found (green / red in the changes layer).")
@@ -403,10 +478,8 @@ class FinetuneWidget(QWidget):
         self._update_buttons()
 
     def _show_changes(self, r: Round, image) -> None:
-        before, after = r.old_result.labels, r.new_result.labels
-        changes = np.zeros(before.shape, np.uint8)
-        changes[(after > 0) & (before == 0)] = 1   # found by the new model only
-        changes[(after == 0) & (before > 0)] = 2   # found by the old model only
+        changes = (r.changes if r.changes is not None
+                   else compare(r.old_result.labels, r.new_result.labels))[0]
         layer = find_owned_layer(self.viewer, "changes", r.new_result.source)
         if layer is None:
             add_layer_keeping_selection(

@@ -10,28 +10,31 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import napari
 import numpy as np
-from napari.layers import Image
+from napari.layers import Image, Shapes
 from napari.qt.threading import thread_worker
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QPushButton,
-                            QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
+                            QPushButton, QSpinBox, QVBoxLayout, QWidget)
 from superqt import QLabeledDoubleSlider
 
 from src_models.runtime_onnx import default_runtime
 
 from ._common import (Connections, LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
-                      check_image, find_owned_layer, find_owned_layers, image_by_key, image_key,
-                      is_edited, layer_region, owned_metadata, owner, show_error, track_edits)
+                      check_plane_image, current_plane, find_owned_layer, find_owned_layers,
+                      image_by_key, image_key, is_edited, layer_region, owned_metadata, owner,
+                      shapes_region, show_error, track_edits, warm_up)
 from ._jobs import JobPanel
 from ._layout import scrolling
 from ._state import get_state, remember, remembered
 
 TASKS = ("nuclei", "glands", "semantic")
-SEGMENT_KEY = "Alt+S"   # free in napari 0.9 (its menus use Alt+F/V/L/P/W/H)
+SEGMENT_KEY = "Alt+D"   # free in napari 0.9 (Alt+S is its File > Save Screenshot; tests/gui/test_layout.py)
 OVERLAY_KEY = "Alt+O"   # show / hide this plugin's layers of the selected image
+MAX_SLIDE_REGION = 4096 * 4096  # pixels of a slide segmented at once in the viewer (~1 min on a CPU)
 
 
 @dataclass(eq=False)
@@ -49,11 +52,22 @@ class SegmentResult:
     min_size: int = 0
     labels: np.ndarray | None = None
     model_tag: tuple = ()        # ModelState.model_tag() of the weights that made it
+    plane: tuple = ()            # leading indices of the plane of a stack image; () for 2D
+    stack_shape: tuple = ()      # (..., Y, X) of the stack's labels; () for a 2D image
+    image_shape: tuple = ()      # (Y, X) of the (plane of the) image; level 0 of a slide
+    _count: int | None = None    # objects in `labels`, counted where the labels were made
 
     def make_labels(self) -> np.ndarray:
-        """Labels for the current threshold / min size from the cached probabilities (no model)."""
-        self.labels = self.maker.labels(threshold=self.threshold, min_size=self.min_size)
+        """Labels for the current threshold / min size from the cached probabilities (no model).
+        Call it in a worker: a watershed of a big image takes seconds."""
+        self.set_labels(self.maker.labels(threshold=self.threshold, min_size=self.min_size))
         return self.labels
+
+    def set_labels(self, labels: np.ndarray, count: int | None = None) -> None:
+        """New labels (and their object count, counted now unless given: np.unique of a big
+        image is slow, so workers count and the GUI thread only reads)."""
+        self.labels = labels
+        self._count = count_objects(labels) if count is None else int(count)
 
     @property
     def foreground(self) -> np.ndarray:
@@ -61,11 +75,33 @@ class SegmentResult:
 
     @property
     def n_objects(self) -> int:
-        return 0 if self.labels is None else int(np.count_nonzero(np.unique(self.labels)))
+        if self.labels is None:
+            return 0
+        if self._count is None:
+            self._count = count_objects(self.labels)
+        return self._count
+
+    @property
+    def full(self) -> bool:
+        """Whether the result covers its whole image (plane)."""
+        return bool(self.image_shape) and self.region == (slice(0, self.image_shape[0]),
+                                                          slice(0, self.image_shape[1]))
 
     def covers(self, region: tuple[slice, slice]) -> bool:
         (r0, c0), (r1, c1) = self.region, region
         return r0.start <= r1.start and r1.stop <= r0.stop and c0.start <= c1.start and c1.stop <= c0.stop
+
+
+def count_objects(labels: np.ndarray) -> int:
+    """Distinct non-zero ids (a bincount when the ids are small, which is much faster than
+    np.unique on a big image)."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return 0
+    top = int(labels.max())
+    if 0 <= int(labels.min()) and top < 4 * labels.size + 1024:
+        return int(np.count_nonzero(np.bincount(labels.ravel(), minlength=1)[1:]))
+    return int(np.count_nonzero(np.unique(labels)))
 
 
 def merge_region(base: SegmentResult, part: SegmentResult, card) -> SegmentResult:
@@ -85,8 +121,10 @@ def merge_region(base: SegmentResult, part: SegmentResult, card) -> SegmentResul
     window[new > 0] = new[new > 0] + shift
     merged = SegmentResult(base.source, part.image_name, part.task, base.region, probs,
                            InstanceMaker(probs, card, mode=part.task), base.scale, base.translate,
-                           threshold=part.threshold, min_size=part.min_size, labels=labels,
-                           model_tag=part.model_tag)
+                           threshold=part.threshold, min_size=part.min_size,
+                           model_tag=part.model_tag, plane=base.plane, stack_shape=base.stack_shape,
+                           image_shape=base.image_shape)
+    merged.set_labels(labels)
     return merged
 
 
@@ -103,19 +141,37 @@ def put_image_layer(viewer, result: SegmentResult, role: str, data, name: str, *
         **kwargs)
 
 
+# A stack's labels layer holds every plane segmented so far. Up to this size it is a numpy array
+# (zero pages cost no memory until a plane is written); beyond it, an in-memory zarr array whose
+# untouched planes are never allocated.
+STACK_NUMPY_BYTES = 1 << 30
+
+
+def plane_stack(shape: tuple) -> object:
+    """An all-zero int32 labels array of a stack's shape, allocated plane by plane if big."""
+    if int(np.prod(shape, dtype=np.int64)) * 4 <= STACK_NUMPY_BYTES:
+        return np.zeros(shape, np.int32)
+    import zarr
+    chunks = (1,) * (len(shape) - 2) + tuple(min(n, 4096) for n in shape[-2:])
+    return zarr.zeros(shape, chunks=chunks, dtype=np.int32)
+
+
 def put_labels(viewer, result: SegmentResult, contours: bool = True):
     """Shows the result's labels (a copy) in the plugin's unedited Labels layer of its image, or a
-    new one. -> (layer, note): `note` says where they went when the user's edited layer was kept."""
+    new one. -> (layer, note): `note` says where they went when the user's edited layer was kept.
+    A plane of a stack goes into that plane of a labels layer of the stack's shape."""
     labels = result.labels if result.labels is not None else result.make_labels()
     edited, target = [], None
     for layer in find_owned_layers(viewer, "instances", result.source):
         if is_edited(layer):
             owner(layer)["role"] = "corrections"  # the user's work from now on: never rewritten
             edited.append(layer)
-        else:
+        elif not result.stack_shape or tuple(layer.data.shape) == tuple(result.stack_shape):
             target = layer
     edited += find_owned_layers(viewer, "corrections", result.source)
-    if target is not None:
+    if result.stack_shape:
+        target = _put_plane(viewer, target, result, labels, bool(edited), contours)
+    elif target is not None:
         target.data = np.array(labels, copy=True)  # the layer's own array: never the result's
         target.scale, target.translate = result.scale, result.translate
     else:
@@ -134,10 +190,33 @@ def put_labels(viewer, result: SegmentResult, contours: bool = True):
     return target, note
 
 
+def _put_plane(viewer, target, result: SegmentResult, labels, edited: bool, contours: bool):
+    """Writes a stack plane's labels into `target` (the plugin's unedited stack layer) or a new
+    stack-shaped layer placed like the image."""
+    image = image_by_key(viewer, result.source)
+    if target is None:
+        base = f"{result.image_name} {result.task}"
+        kwargs = {}
+        if image is not None:
+            nd = len(result.stack_shape)
+            kwargs = {"scale": np.asarray(image.scale)[-nd:], "translate": np.asarray(image.translate)[-nd:]}
+        target = viewer.add_labels(plane_stack(result.stack_shape),
+                                   name=f"{base} (new run)" if edited else base, opacity=0.7,
+                                   metadata=owned_metadata("instances", result.source, task=result.task),
+                                   **kwargs)
+        if contours:
+            target.contour = 1
+        track_edits(target)
+    rows, cols = result.region
+    target.data[result.plane + (rows, cols)] = labels  # the layer's array: a copy of the result's
+    target.refresh()
+    return target
+
+
 def show_result(viewer, result: SegmentResult, probabilities: bool = False, contours: bool = True):
     """Makes `result` its image's result and puts it on the canvas. -> (labels layer, note)."""
     get_state(viewer).results.set(result.source, result)
-    if probabilities:
+    if probabilities and not result.stack_shape:
         put_image_layer(viewer, result, "probabilities", result.foreground,
                         name=f"{result.image_name} probability", colormap="magma",
                         blending="additive", contrast_limits=(0.0, 1.0), opacity=0.5)
@@ -154,7 +233,10 @@ def region_placement(layer, region) -> tuple[np.ndarray, np.ndarray]:
 def describe(r: SegmentResult) -> str:
     what = "classes" if r.task == "semantic" else "objects"
     h, w = r.probabilities.shape[-2:]
-    return (f"{r.n_objects} {what} in {h} x {w} px of '{r.image_name}' at threshold "
+    where = f" (plane {', '.join(map(str, r.plane))})" if r.plane else ""
+    if not r.full and r.image_shape:
+        where += f" at y {r.region[0].start}-{r.region[0].stop}, x {r.region[1].start}-{r.region[1].stop}"
+    return (f"{r.n_objects} {what} in {h} x {w} px of '{r.image_name}'{where} at threshold "
             f"{r.threshold:.2f}, min size {r.min_size} px")
 
 
@@ -197,8 +279,16 @@ class SegmentWidget(QWidget):
         self.visible_only = QCheckBox("Visible region only")
         self.visible_only.setToolTip("For big images: segments what the canvas shows; an earlier "
                                      "result of the whole image is kept outside that region")
+        self.draw_region = LayerCombo(viewer, (Shapes,), none_text="none (visible region / whole image)")
+        self.draw_region.setToolTip("A Shapes layer with a rectangle drawn around the part to "
+                                    "segment (e.g. of a whole slide); the result lands there")
         self.run_button = QPushButton("Segment")
-        self.run_button.setToolTip(f"Segment the chosen image with the current model ({SEGMENT_KEY})")
+        self.run_button.setToolTip(f"Segment the chosen image with the current model ({SEGMENT_KEY}). "
+                                   f"A stack: the plane on screen. A whole slide: what the canvas "
+                                   f"shows, at full resolution (or the drawn region)")
+        self.export_button = QPushButton("Export GeoJSON…")
+        self.export_button.setToolTip("Save the current labels (the selected Labels layer, or this "
+                                      "image's newest) as QuPath GeoJSON in level-0 pixels")
         self.jobs = JobPanel(state=self.state, unit="tile")
         self.summary = QLabel("")
         self.summary.setWordWrap(True)
@@ -214,7 +304,13 @@ class SegmentWidget(QWidget):
         inner.addWidget(self.contours)
         inner.addWidget(self.show_probabilities)
         inner.addWidget(self.visible_only)
-        inner.addWidget(self.run_button)
+        region_form = QFormLayout()
+        region_form.addRow("Drawn region", self.draw_region)
+        inner.addLayout(region_form)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button, 2)
+        buttons.addWidget(self.export_button, 1)
+        inner.addLayout(buttons)
         inner.addWidget(self.jobs)
         inner.addWidget(self.summary)
         inner.addStretch(1)
@@ -231,6 +327,7 @@ class SegmentWidget(QWidget):
         self.contours.toggled.connect(lambda on: remember("segment/contours", on))
         self.show_probabilities.toggled.connect(lambda on: remember("segment/probabilities", on))
         self.run_button.clicked.connect(self.run)
+        self.export_button.clicked.connect(lambda: self.export_geojson())
         self.image.currentIndexChanged.connect(self._sync_controls)
         self._connections = Connections([(self.state.events.model, self._on_model),
                                          (self.state.events.jobs, self._on_busy),
@@ -239,6 +336,7 @@ class SegmentWidget(QWidget):
         self._on_model()
         self._on_busy()
         self._add_shortcuts()
+        warm_up()
 
     def _add_shortcuts(self) -> None:
         """Segment and overlay toggling from the keyboard, anywhere in the viewer's window."""
@@ -357,6 +455,7 @@ class SegmentWidget(QWidget):
     def _on_busy(self, *_):
         if alive(self):
             self.run_button.setEnabled(not self.jobs.busy)
+            self.export_button.setEnabled(not self.jobs.busy)
 
     def _on_params(self, *_):
         remember("segment/threshold", self.threshold.value())
@@ -364,34 +463,61 @@ class SegmentWidget(QWidget):
         self._relabel_timer.start()
 
     # --- running the model -----------------------------------------------------------------------
+    def _run_region(self, layer, shape) -> tuple[tuple[slice, slice], str]:
+        """The region of the (plane of the) image this run segments, and a note on why: a drawn
+        Shapes region, the visible region, or the whole image. A multiscale slide is never
+        segmented whole: its visible region at full resolution, at most MAX_SLIDE_REGION px."""
+        slide = bool(getattr(layer, "multiscale", False))
+        drawn = self.draw_region.layer()
+        if drawn is not None:
+            region, note = shapes_region(layer, drawn, shape), f"the region drawn in '{drawn.name}'"
+        elif self.visible_only.isChecked() or slide:
+            region = layer_region(layer, shape, self.viewer)
+            note = "the visible region at full resolution" if slide else "the visible region"
+        else:
+            return (slice(0, shape[0]), slice(0, shape[1])), ""
+        h, w = region[0].stop - region[0].start, region[1].stop - region[1].start
+        if slide and h * w > MAX_SLIDE_REGION:
+            side = int(MAX_SLIDE_REGION ** 0.5)
+            raise UserError(f"'{layer.name}' is a whole slide: Segment works on what the canvas "
+                            f"shows at full resolution, and that is {h} x {w} px now (at most "
+                            f"{side} x {side} at once). Zoom in, or draw a rectangle in a Shapes layer "
+                            f"and pick it under 'Drawn region'. For the whole slide use "
+                            f"'napari-dca segment' on the command line.")
+        return region, note
+
     def run(self) -> None:
-        """Segments the chosen image (or its visible part) in a worker; updates layers on return."""
+        """Segments the chosen image (the plane on screen of a stack; a region of a slide) in a
+        worker; updates layers on return."""
         try:
             layer = self.image.layer()
-            data = check_image(layer)
+            data, plane, stack_shape = check_plane_image(self.viewer, layer)
             if self.state.model is None:
                 raise UserError("No model: choose one in the Model widget (Plugins > DCA segmentation "
                                 "> Model) and press 'Load model'.")
             check_channels(layer, data, self.state.model, self.state.card)
+            shape = tuple(int(n) for n in data.shape[:2])
+            region, where = self._run_region(layer, shape)
         except UserError as err:
             show_error(str(err))
             return
-        shape = data.shape[:2]
-        visible = self.visible_only.isChecked()
-        region = layer_region(layer, shape) if visible else (slice(0, shape[0]), slice(0, shape[1]))
+        full = region == (slice(0, shape[0]), slice(0, shape[1]))
         model, card, device = self.state.model, self.state.card, self.state.device
         tag = self.state.model_tag()
         task = self.task.currentText()
         source, name = image_key(layer), layer.name
         scale, translate = region_placement(layer, region)
-
-        box = (region[0].start, region[0].stop, region[1].start, region[1].stop) if visible else None
+        box = None if full else (region[0].start, region[0].stop, region[1].start, region[1].stop)
         threshold, min_size = self.threshold.value(), self.min_size.value()
         runtime = self.runtime.currentData()
         if runtime == "onnx" and str(device) != "cpu":
             show_error(f"The onnx runtime runs on the CPU; the model is on {device}. "
                        "Choose auto or torch, or the CPU in the Model widget.")
             return
+        old = self.state.results.get(source)
+        base = old if (not full and old is not None and old.covers(region) and old.task == task
+                       and old.plane == plane and old.labels is not None) else None
+        base_labels = None if base is None else base.labels
 
         def job(report, cancel):
             from src_models.inference import predict
@@ -402,31 +528,106 @@ class SegmentWidget(QWidget):
             report(0, 0, stage="post-processing (finding objects)…")
             result = SegmentResult(source, name, task, region, probs,
                                    InstanceMaker(probs, card, mode=task), scale, translate,
-                                   threshold=threshold, min_size=min_size, model_tag=tag)
+                                   threshold=threshold, min_size=min_size, model_tag=tag,
+                                   plane=plane, stack_shape=stack_shape, image_shape=shape)
             result.make_labels()  # the first labels here, off the GUI thread (watershed can be slow)
+            merged = None
+            if base is not None:  # a region run: merged into the image's result here, not on the GUI
+                merged = merge_region(base, result, card)
+                _ = merged.foreground
             _ = result.foreground
-            return result
+            return result, merged
 
         self._run_card = card
+        self._run_base = (base, base_labels)
+        self._run_where = where
         self.jobs.run(job, self._show, "segmentation",
                       hint="Check that the image is an H&E RGB (or grayscale) image the model fits.")
 
-    def _show(self, result: SegmentResult) -> None:
+    def _show(self, value) -> None:
+        result, merged = value if isinstance(value, tuple) else (value, None)
         image = image_by_key(self.viewer, result.source)
         if image is None:  # the image was closed while the job ran: nothing to show it on
             self.summary.setText(f"'{result.image_name}' was closed; its segmentation was dropped.")
             return
         result.image_name = image.name
         old = self.state.results.get(result.source)
-        full = result.region == (slice(0, image.data.shape[0]), slice(0, image.data.shape[1])) \
-            if not getattr(image, "multiscale", False) else False
-        note = ""
-        if not full and old is not None and old.covers(result.region) and old.task == result.task:
-            result = merge_region(old, result, self._run_card)
-            note = "Only the visible region was replaced; the rest of the result is unchanged. "
+        base, base_labels = getattr(self, "_run_base", (None, None))
+        note = f"Segmented {self._run_where}. " if getattr(self, "_run_where", "") else ""
+        if merged is not None and old is base and old.labels is base_labels:
+            result = merged  # merged in the worker, and the image's result has not changed since
+            result.image_name = image.name
+            note += "Only that region was replaced; the rest of the result is unchanged. "
+        elif (not result.full and old is not None and old.covers(result.region)
+              and old.task == result.task and old.plane == result.plane):
+            result = merge_region(old, result, self._run_card)  # the result changed meanwhile
+            note += "Only that region was replaced; the rest of the result is unchanged. "
         layer, where = show_result(self.viewer, result, self.show_probabilities.isChecked(),
                                    self.contours.isChecked())
         self.summary.setText(f"{describe(result)}. {note}{where}".strip())
+
+    def export_geojson(self, path: str | Path | None = None) -> bool:
+        """Writes the current labels (the active Labels layer, else the selected image's newest
+        labels, the user's corrected ones first) as QuPath GeoJSON in level-0 pixels, in a
+        worker. False when nothing was started."""
+        try:
+            labels_layer, image = self._export_source()
+            data = np.asarray(labels_layer.data[0] if labels_layer.multiscale else labels_layer.data)
+            if data.ndim > 2:
+                data = data[current_plane(self.viewer, labels_layer)]
+            if data.ndim != 2:
+                raise UserError(f"'{labels_layer.name}' is not a 2D labels layer.")
+        except UserError as err:
+            show_error(str(err))
+            return False
+        ref = image if image is not None else labels_layer
+        offset = tuple(int(round(v)) for v in (np.asarray(labels_layer.translate)[-2:]
+                                                - np.asarray(ref.translate)[-2:])
+                       / np.asarray(ref.scale)[-2:])
+        if path is None:
+            folder = remembered("segment/export_dir", "")
+            if not folder or not Path(folder).is_dir():
+                folder = str(Path.home())
+            stem = (image.name if image is not None else labels_layer.name).replace("/", "_")
+            path, _ = QFileDialog.getSaveFileName(self, "Export labels as QuPath GeoJSON",
+                                                  str(Path(folder) / f"{stem}.geojson"),
+                                                  "GeoJSON (*.geojson *.json)")
+            if not path:
+                return False
+        path = Path(path)
+        remember("segment/export_dir", str(path.parent))
+        task = owner(labels_layer).get("task")
+        class_name = "Gland" if task == "glands" else "Nucleus"
+        labels = np.array(data, copy=True)  # the worker never reads the layer the user may paint
+        image_name = image.name if image is not None else labels_layer.name
+
+        def job(report, cancel):
+            from src_models.slide.geojson import labels_to_geojson
+            report(0, 0, stage="tracing object outlines…")
+            return labels_to_geojson(labels, path, class_name=class_name, offset=offset,
+                                     image_name=image_name)
+
+        def done(written):
+            n = count_objects(labels)
+            self.summary.setText(f"Exported {n} objects of '{labels_layer.name}' to {Path(written).name} "
+                                 f"(QuPath GeoJSON, level-0 pixels{' from y %d, x %d' % offset if any(offset) else ''}).")
+        return self.jobs.run(job, done, "GeoJSON export", hint="Choose a writable folder.")
+
+    def _export_source(self):
+        """(labels layer to export, its image layer or None)."""
+        from napari.layers import Labels
+        active = self.viewer.layers.selection.active
+        if isinstance(active, Labels):
+            return active, image_by_key(self.viewer, owner(active).get("source", "")) or self.image.layer()
+        image = self.image.layer()
+        if image is not None:
+            key = image_key(image)
+            mine = [l for l in self.viewer.layers if owner(l).get("source") == key
+                    and owner(l).get("role") in ("instances", "corrections")]
+            edited = [l for l in mine if is_edited(l) or owner(l).get("role") == "corrections"]
+            if edited or mine:
+                return (edited or mine)[-1], image
+        raise UserError("No labels to export: segment the image first, or select a Labels layer.")
 
     def relabel(self) -> None:
         """New labels for the selected image from its cached probabilities; no model run.
@@ -446,19 +647,22 @@ class SegmentWidget(QWidget):
         @thread_worker
         def work():
             try:
-                return r.maker.labels(threshold=threshold, min_size=min_size)
+                labels = r.maker.labels(threshold=threshold, min_size=min_size)
+                return labels, count_objects(labels)  # counted here, not on the GUI thread
             except Exception as err:  # shown as a message, never a traceback
                 return err
 
-        def done(labels):
+        def done(value):
             if not alive(self):
                 return
-            if isinstance(labels, Exception):
-                show_error(f"Could not make labels: {labels}.")
+            if isinstance(value, Exception):
+                show_error(f"Could not make labels: {value}.")
                 return
             if self.state.results.get(r.source) is not r or image_by_key(self.viewer, r.source) is None:
                 return  # a newer segmentation replaced it meanwhile, or the image was closed
-            r.threshold, r.min_size, r.labels = threshold, min_size, labels
+            labels, count = value
+            r.threshold, r.min_size = threshold, min_size
+            r.set_labels(labels, count)
             layer, where = put_labels(self.viewer, r, self.contours.isChecked())
             self.summary.setText(f"{describe(r)}. {where}".strip())
 

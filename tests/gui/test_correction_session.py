@@ -5,38 +5,13 @@ user can find, and the GUI event loop's gaps are reported (p99 / max; only a gen
 is asserted: timings belong in benchmarks, and this machine is shared)."""
 import torch  # noqa: F401  (before Qt)
 
-import time
-
 import numpy as np
 import pytest
 
 from conftest import errors, fit, paint, settle, shown_viewer
+from loop_gaps import LoopGaps
 
 pytestmark = pytest.mark.gui
-
-
-class LoopGaps:
-    """A 5 ms QTimer on the GUI thread; the gaps between its ticks are what a user feels."""
-
-    def __init__(self):
-        from qtpy.QtCore import QTimer
-        self.ticks = []
-        self.timer = QTimer()
-        self.timer.setInterval(5)
-        self.timer.timeout.connect(lambda: self.ticks.append(time.perf_counter()))
-
-    def __enter__(self):
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.timer.stop()
-
-    def report(self) -> dict:
-        gaps = np.diff(self.ticks) * 1000.0
-        return {"ticks": len(self.ticks), "p50_ms": round(float(np.median(gaps)), 1),
-                "p99_ms": round(float(np.percentile(gaps, 99)), 1),
-                "max_ms": round(float(gaps.max()), 1)}
 
 
 def test_a_whole_correction_session_keeps_every_painted_pixel(
@@ -70,7 +45,7 @@ def test_a_whole_correction_session_keeps_every_painted_pixel(
             assert np.all(layer.data[mask] == label), f"{step}: painted pixels were overwritten"
         assert not errors(messages), (step, messages)
 
-    with LoopGaps() as gaps:
+    with LoopGaps(profile=True) as gaps:
         mw.select_checkpoint(str(trained_checkpoint))
         mw.load()
         wait_for(mw)
@@ -136,4 +111,5 @@ def test_a_whole_correction_session_keeps_every_painted_pixel(
     assert card.corrections and "not saved" not in mw.card.text().lower()
     report = gaps.report()
     print(f"\nGUI event-loop gaps over the session: {report}")
+    print("longest stalls and what held the GUI thread:\n  " + "\n  ".join(gaps.worst()))
     assert report["max_ms"] < 10000, "the GUI froze for more than 10 s"

@@ -141,27 +141,52 @@ def test_model_card_is_readable(make_napari_viewer, trained_checkpoint):
 
 def test_shortcut_toggles_the_overlays(make_napari_viewer, qtbot, wait_for, trained_checkpoint,
                                        small_image, messages):
+    """Alt+D (Segment) and Alt+O (overlays) pressed as a user does: real key events on the focused
+    canvas (napari's keymap), and in the dock (the window's shortcut); each press acts once, and
+    neither clashes with one of napari's own (Alt+S, the first choice, is Save Screenshot)."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
     from napari_dca._widgets._state import get_state, load_model_into
     from napari_dca._widgets.segment import SegmentWidget
 
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)
     viewer.add_image(small_image, name="he")
     load_model_into(get_state(viewer), trained_checkpoint)
     seg = SegmentWidget(viewer)
     viewer.window.add_dock_widget(seg)
     settle(qtbot, 50)
+    from qtpy.QtWidgets import QApplication
+    napari_keys = {k.toString() for w in QApplication.allWidgets() for a in w.actions()
+                   for k in a.shortcuts()}
+    assert not {"Alt+D", "Alt+O"} & napari_keys, "our keys must not shadow napari's own"
+    canvas = viewer.window._qt_viewer.canvas.native
+    runs = []
+    real_run = seg.run
+    seg.run = lambda: (runs.append(1), real_run())
 
-    def press(key):  # what napari's keymap does when the canvas has the focus
-        binding = next(b for b in viewer.keymap if str(b) == key)
-        viewer.keymap[binding](viewer)
+    def press(widget, key):
+        widget.setFocus()
+        settle(qtbot, 20)
+        QTest.keyClick(widget, key, Qt.AltModifier)
         settle(qtbot, 50)
 
-    press("Alt+S")
+    press(canvas, Qt.Key_D)
     wait_for(seg)
+    assert len(runs) == 1, "one key press, one segmentation"
     layer = seg.labels_layer()
     assert not errors(messages), messages
     assert layer is not None and layer.visible
-    press("Alt+O")
+    press(canvas, Qt.Key_O)
     assert not layer.visible
-    press("Alt+O")
+    press(canvas, Qt.Key_O)
     assert layer.visible
+    # focus in the dock (the window active, as when the user clicked into it): the window's shortcut
+    window = viewer.window._qt_window
+    window.activateWindow()
+    qtbot.waitUntil(window.isActiveWindow, timeout=5000)
+    press(seg.task, Qt.Key_O)
+    assert not layer.visible
+    press(seg.task, Qt.Key_D)
+    wait_for(seg)
+    assert len(runs) == 2 and not errors(messages), messages

@@ -155,10 +155,11 @@ def test_bad_input_shows_a_message_never_a_traceback(make_napari_viewer, tiny_ch
     messages.clear()
     seg.run()
     assert "Model widget" in errors(messages)[0]
-    # a 3D RGB stack
+    # a 3D RGB stack: fine-tune and attention take 2D images (Segment does the plane on screen,
+    # tests/gui/test_stacks_and_slides.py)
     load_model_into(get_state(viewer), tiny_checkpoint)
     viewer.add_image(np.zeros((3, 64, 64, 3), np.uint8), name="stack", rgb=True)
-    for widget in (seg, ft, att):
+    for widget in (ft, att):
         messages.clear()
         widget.image.select("stack")
         widget.run()
