@@ -303,8 +303,9 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     if every signal holds (`finetune_check.judge_round`): on the held-back part the object score
     does not drop, the pixel Dice drops by at most `dice_margin` and the number of objects found
     moves no farther from the number corrected; on the replay crops the pixel Dice drops by at most
-    `replay_tolerance`. When too few objects were corrected to hold some back, the check uses the
-    trained-on corrections instead, says so, and then also requires no replay object to be lost.
+    `replay_tolerance`. A round whose held-back part holds fewer than two corrected objects (or
+    when too few objects were corrected to hold any back: the scores are then of the trained-on
+    corrections, and say so) is rolled back: such a check cannot see what the round did.
     Raises ValueError, before any training, if the reviewed region holds no labelled pixel."""
     if train not in ("all", "decoder"):
         raise ValueError(f"train must be 'all' or 'decoder', got {train!r}")

@@ -306,7 +306,8 @@ def score_text(before: RegionScore, after: RegionScore, field: str = "score") ->
 def judge_round(check_before: RegionScore, check_after: RegionScore,
                 replay_before: RegionScore | None, replay_after: RegionScore | None,
                 held_back: bool, dice_margin: float = DICE_MARGIN,
-                replay_tolerance: float = REPLAY_TOLERANCE) -> tuple[bool, str]:
+                replay_tolerance: float = REPLAY_TOLERANCE,
+                min_objects: int = MIN_CHECK_OBJECTS) -> tuple[bool, str]:
     """Keep the new weights? (kept, one-line reason). Conservative: every signal must hold.
 
     On the checked part of the corrections (held back, or the trained-on part when nothing could be
@@ -316,8 +317,11 @@ def judge_round(check_before: RegionScore, check_after: RegionScore,
     corrected (a merge or a split the object score can miss on one or two objects; only on a check
     of fewer than `COUNT_CHECK_BELOW` objects). On the replay
     crops: the pixel Dice may not drop by more than `replay_tolerance` (their object score moves
-    ~0.05 per object on a few cut crops: noise), and when nothing was held back (the check then
-    saw only trained-on objects, which a round always fits) no replay object may be lost either."""
+    ~0.05 per object on a few cut crops: noise). A check of fewer than `min_objects` held-back
+    objects (or of the trained-on ones, when nothing could be held back) cannot tell a better round
+    from a worse one (GlaS train_35: 1 held-back gland matched before and after, 0.73 -> 0.67 on the
+    unseen half), so such a round is rolled back whatever its scores, and the user is told to
+    correct a larger area."""
     where = "the held-back part of your corrections" if held_back else "your corrections"
     b, a = check_before, check_after
     if a.score < b.score:
@@ -327,15 +331,14 @@ def judge_round(check_before: RegionScore, check_after: RegionScore,
     if b.objects < COUNT_CHECK_BELOW and a.count_error > b.count_error:
         return False, (f"rolled back, found {a.predicted} objects where you corrected {a.objects} on "
                        f"{where} (before: {b.predicted})")
+    if not held_back or b.objects < min_objects:
+        n = b.objects if held_back else 0
+        return False, (f"rolled back, too few corrections to check the round: {n} corrected "
+                       f"object{'' if n == 1 else 's'} could be held back, at least {min_objects} are "
+                       f"needed; correct a larger area and fine-tune again")
     rb, ra = replay_before, replay_after
-    if rb is not None and ra is not None:
-        if ra.dice < rb.dice - replay_tolerance:
-            return False, (f"rolled back, worse on the model's training data "
-                           f"({score_text(rb, ra, 'dice')})")
-        if not held_back and ra.matched < rb.matched:
-            return False, (f"rolled back, nothing of your corrections could be held back to check "
-                           f"the round, and it matches fewer objects of the model's training data "
-                           f"({rb.matched} -> {ra.matched} of {rb.objects})")
+    if rb is not None and ra is not None and ra.dice < rb.dice - replay_tolerance:
+        return False, (f"rolled back, worse on the model's training data "
+                       f"({score_text(rb, ra, 'dice')})")
     note = "" if rb is not None else "; no training data to check forgetting"
-    held = "held-back " if held_back else ""
-    return True, f"at least as good on your {held}corrections ({score_text(b, a)}){note}"
+    return True, f"at least as good on your held-back corrections ({score_text(b, a)}){note}"

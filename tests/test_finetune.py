@@ -372,9 +372,9 @@ def test_a_round_that_wipes_out_the_held_back_object_is_rolled_back_though_its_s
     # one found no gland there at all (pixel Dice 0.60 -> 0) and lost 0.4 F1 on the unseen half.
     from src_models.finetune_check import judge_round
     replay = score(4, 6, 0.76, 0.92, 6)
-    kept, reason = judge_round(score(0, 1, 0.0, 0.60, 1), score(0, 1, 0.0, 0.0, 0), replay, replay, True)
-    assert not kept and "pixel Dice 0.600 -> 0.000" in reason
-    kept, _ = judge_round(score(0, 1, 0.0, 0.60, 1), score(0, 1, 0.0, 0.59, 1), replay, replay, True)
+    kept, reason = judge_round(score(1, 2, 0.5, 0.80, 2), score(1, 2, 0.5, 0.40, 2), replay, replay, True)
+    assert not kept and "pixel Dice 0.800 -> 0.400" in reason
+    kept, _ = judge_round(score(1, 2, 0.5, 0.80, 2), score(1, 2, 0.5, 0.79, 2), replay, replay, True)
     assert kept                                        # within the margin: kept
 
 
@@ -391,14 +391,19 @@ def test_a_merge_the_object_score_misses_is_rolled_back():
     assert kept
 
 
-def test_without_a_held_back_part_a_lost_replay_object_rolls_back():
+def test_a_check_too_small_to_judge_rolls_the_round_back_whatever_its_scores():
+    # GlaS train_35: one held-back gland, matched before and after (F1 0.67 -> 1.0 on it), and the
+    # unseen half lost 0.06: one object cannot tell a better round from a worse one.
     from src_models.finetune_check import judge_round
+    replay = score(4, 6, 0.8, 0.9, 6)
+    kept, reason = judge_round(score(1, 1, 0.67, 0.9, 2), score(1, 1, 1.0, 0.95, 1), replay, replay, True)
+    assert not kept and "1 corrected object could be held back, at least 2 are needed" in reason
     check = score(2, 2, 1.0, 0.9, 2)
-    kept, reason = judge_round(check, check, score(4, 6, 0.8, 0.9, 6), score(3, 6, 0.7, 0.9, 6), False)
-    assert not kept and "could be held back" in reason
-    kept, _ = judge_round(check, check, score(4, 6, 0.8, 0.9, 6), score(3, 6, 0.7, 0.9, 6), True)
-    assert kept                                        # with a held-back part, replay Dice decides
-    kept, reason = judge_round(check, check, score(4, 6, 0.8, 0.9, 6), score(4, 6, 0.8, 0.88, 6), True)
+    kept, reason = judge_round(check, check, replay, replay, False)   # only trained-on objects
+    assert not kept and "0 corrected objects could be held back" in reason
+    kept, _ = judge_round(check, check, replay, score(3, 6, 0.7, 0.9, 6), True)
+    assert kept                                        # two held back: replay Dice decides
+    kept, reason = judge_round(check, check, replay, score(4, 6, 0.8, 0.88, 6), True)
     assert not kept and "training data" in reason
 
 
