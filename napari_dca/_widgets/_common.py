@@ -11,7 +11,7 @@ __all__ = ["show_error", "show_info", "show_warning", "UserError", "find_owned_l
            "owned_metadata", "available_devices", "resolve_device", "check_image", "check_channels",
            "worker_threads", "layer_region", "image_key", "image_by_key", "is_edited", "track_edits",
            "alive", "add_layer_keeping_selection", "find_owned_layers", "owner", "current_plane",
-           "check_plane_image", "shapes_region", "warm_up"]
+           "check_plane_image", "shapes_region", "warm_up", "one_refresh", "new_labels_layer"]
 
 OWNER_KEY = "napari_dca"  # layer.metadata[OWNER_KEY] = {"role": ..., "source": ...} marks our layers
 IMAGE_KEY = "napari_dca_image_id"  # a stable id in an image layer's metadata: survives renaming
@@ -85,6 +85,28 @@ def alive(widget) -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def one_refresh(layer):
+    """Context in which several changes to `layer` (data, scale, translate, contour) cause no
+    refresh; refresh once afterwards. Each napari setter re-slices the layer and redraws its
+    thumbnail and contours on the GUI thread, which for a big Labels layer takes ~0.2 s each."""
+    import contextlib
+    block = getattr(layer, "_block_refresh", None)  # napari >= 0.5; without it, refresh as usual
+    return block() if callable(block) else contextlib.nullcontext()
+
+
+def new_labels_layer(viewer, data, contours: bool = False, **kwargs):
+    """viewer.add_labels(data, **kwargs) drawn as outlines when `contours`, sliced and drawn once
+    (setting `contour` after adding would refresh it a second time)."""
+    from napari.layers import Labels
+
+    layer = Labels(data, **kwargs)
+    if contours:
+        with one_refresh(layer):
+            layer.contour = 1
+    viewer.add_layer(layer)
+    return layer
 
 
 def add_layer_keeping_selection(viewer, kind: str, data, **kwargs):

@@ -54,6 +54,20 @@ def display_limits(overlay: np.ndarray, uniform: float) -> tuple[float, float]:
     return 0.0, max(hi, 2.0 * uniform, 1e-9)
 
 
+def analysed_tiles(region, tile: int) -> list[tuple[int, int, int, int]]:
+    """The tiles attention_maps lays edge to edge over `region` (y0, y1, x0, x1), clipped to it."""
+    y0, y1, x0, x1 = (int(v) for v in region)
+    tile = max(1, int(tile))
+    return [(ty, min(y1, ty + tile), tx, min(x1, tx + tile))
+            for ty in range(y0, y1, tile) for tx in range(x0, x1, tile)]
+
+
+def tiles_text(n: int) -> str:
+    if n == 1:
+        return "1 tile, outlined"
+    return f"{n} tiles, each outlined; attention never crosses a tile's edge"
+
+
 class AttentionPlot(QWidget):
     """Colour bar of the overlay (with where 'uniform' lies) and, optionally, the CCA matrix."""
 
@@ -406,7 +420,8 @@ class AttentionWidget(QWidget):
         layer.metadata[OWNER_KEY]["map"] = kind
         layer.metadata[OWNER_KEY]["stage"] = stage_idx
         self._show_query(image_layer)
-        self._outline(image_layer, m.query_tile if kind == "query" and m.query_tile else m.region)
+        self._outline(image_layer, [m.query_tile] if kind == "query" and m.query_tile
+                      else analysed_tiles(m.region, m.tile_size))
         cca_head = min(head, st.cca.shape[0] - 1)
         cca = st.cca.mean(0) if head < 0 else st.cca[cca_head]
         head_label = "mean of heads" if head < 0 else f"head {cca_head + 1}"
@@ -423,29 +438,32 @@ class AttentionWidget(QWidget):
                      f"(outlined; attention never leaves the tile)")
         elif kind == "received":
             where = (f"Which places get looked at most in y {y0}-{y1}, x {x0}-{x1} "
-                     f"({m.tiles} tile{'s' if m.tiles != 1 else ''}, outlined)")
+                     f"({tiles_text(m.tiles)})")
         else:
-            where = f"Channel emphasis in y {y0}-{y1}, x {x0}-{x1}"
+            where = f"Channel emphasis in y {y0}-{y1}, x {x0}-{x1} ({tiles_text(m.tiles)})"
         note = " The map is close to even: this stage spreads its attention evenly here." if flat else ""
         self.summary.setText(f"{where}, stage {stage_idx + 1}, "
                              f"{'mean of heads' if head < 0 else f'head {head + 1}'}.{note}")
 
-    def _outline(self, image_layer, box) -> None:
-        """A rectangle around the analysed tile / region (image pixels (y0, y1, x0, x1))."""
-        y0, y1, x0, x1 = box
-        rect = np.array([[y0 - 0.5, x0 - 0.5], [y0 - 0.5, x1 - 0.5], [y1 - 0.5, x1 - 0.5],
-                         [y1 - 0.5, x0 - 0.5]], float)
+    def _outline(self, image_layer, boxes) -> None:
+        """A rectangle around each analysed tile (image pixels (y0, y1, x0, x1)): what the text
+        counts is what the canvas shows."""
+        rects = [np.array([[y0 - 0.5, x0 - 0.5], [y0 - 0.5, x1 - 0.5], [y1 - 0.5, x1 - 0.5],
+                           [y1 - 0.5, x0 - 0.5]], float) for y0, y1, x0, x1 in boxes]
         layer = find_owned_layer(self.viewer, "attention tile", self.source)
         scale = np.asarray(image_layer.scale)[-2:]
         translate = np.asarray(image_layer.translate)[-2:]
+        name = f"{image_layer.name} analysed tile{'s' if len(rects) != 1 else ''}"
         if layer is None:
             add_layer_keeping_selection(
-                self.viewer, "shapes", [rect], shape_type="rectangle", edge_color="cyan",
-                face_color="transparent", edge_width=2, name=f"{image_layer.name} analysed tile",
+                self.viewer, "shapes", rects, shape_type="rectangle", edge_color="cyan",
+                face_color="transparent", edge_width=2, name=name,
                 scale=scale, translate=translate, metadata=owned_metadata("attention tile", self.source))
         else:
-            layer.data = [rect]
-            layer.shape_type = ["rectangle"]
+            layer.data = rects
+            layer.shape_type = ["rectangle"] * len(rects)
+            layer.edge_color = "cyan"
+            layer.name = name
 
     def _show_query(self, image_layer) -> None:
         m = self.maps

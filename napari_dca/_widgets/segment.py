@@ -25,8 +25,9 @@ from src_models.runtime_onnx import default_runtime
 
 from ._common import (Connections, LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
                       check_plane_image, current_plane, find_owned_layer, find_owned_layers,
-                      image_by_key, image_key, is_edited, layer_region, owned_metadata, owner,
-                      shapes_region, show_error, track_edits, warm_up)
+                      image_by_key, image_key, is_edited, layer_region, new_labels_layer,
+                      one_refresh, owned_metadata, owner, shapes_region, show_error, track_edits,
+                      warm_up)
 from ._jobs import JobPanel
 from ._layout import scrolling
 from ._state import get_state, remember, remembered
@@ -132,8 +133,10 @@ def put_image_layer(viewer, result: SegmentResult, role: str, data, name: str, *
     """Updates the (never user-edited) image layer of `role` for the result's image, or adds it."""
     layer = find_owned_layer(viewer, role, result.source)
     if layer is not None and layer.__class__.__name__ == "Image":
-        layer.data = np.array(data, copy=True)
-        layer.scale, layer.translate = result.scale, result.translate
+        with one_refresh(layer):
+            layer.data = np.array(data, copy=True)
+            place(layer, result.scale, result.translate)
+        layer.refresh()
         return layer
     return add_layer_keeping_selection(
         viewer, "image", np.array(data, copy=True), name=name, scale=result.scale,
@@ -156,6 +159,14 @@ def plane_stack(shape: tuple) -> object:
     return zarr.zeros(shape, chunks=chunks, dtype=np.int32)
 
 
+def place(layer, scale, translate) -> None:
+    """Sets the layer's scale / translate only where they change (each set re-slices it)."""
+    if not np.allclose(np.asarray(layer.scale)[-2:], scale):
+        layer.scale = scale
+    if not np.allclose(np.asarray(layer.translate)[-2:], translate):
+        layer.translate = translate
+
+
 def put_labels(viewer, result: SegmentResult, contours: bool = True):
     """Shows the result's labels (a copy) in the plugin's unedited Labels layer of its image, or a
     new one. -> (layer, note): `note` says where they went when the user's edited layer was kept.
@@ -172,16 +183,16 @@ def put_labels(viewer, result: SegmentResult, contours: bool = True):
     if result.stack_shape:
         target = _put_plane(viewer, target, result, labels, bool(edited), contours)
     elif target is not None:
-        target.data = np.array(labels, copy=True)  # the layer's own array: never the result's
-        target.scale, target.translate = result.scale, result.translate
+        with one_refresh(target):
+            target.data = np.array(labels, copy=True)  # the layer's own array: never the result's
+            place(target, result.scale, result.translate)
+        target.refresh()
     else:
         base = f"{result.image_name} {result.task}"
         name = f"{base} (new run)" if edited else base
-        target = viewer.add_labels(np.array(labels, copy=True), name=name, scale=result.scale,
-                                   translate=result.translate, opacity=0.7,
-                                   metadata=owned_metadata("instances", result.source, task=result.task))
-        if contours:
-            target.contour = 1
+        target = new_labels_layer(viewer, np.array(labels, copy=True), contours, name=name,
+                                  scale=result.scale, translate=result.translate, opacity=0.7,
+                                  metadata=owned_metadata("instances", result.source, task=result.task))
         track_edits(target)
     note = ""
     if edited:
@@ -200,12 +211,10 @@ def _put_plane(viewer, target, result: SegmentResult, labels, edited: bool, cont
         if image is not None:
             nd = len(result.stack_shape)
             kwargs = {"scale": np.asarray(image.scale)[-nd:], "translate": np.asarray(image.translate)[-nd:]}
-        target = viewer.add_labels(plane_stack(result.stack_shape),
-                                   name=f"{base} (new run)" if edited else base, opacity=0.7,
-                                   metadata=owned_metadata("instances", result.source, task=result.task),
-                                   **kwargs)
-        if contours:
-            target.contour = 1
+        target = new_labels_layer(viewer, plane_stack(result.stack_shape), contours,
+                                  name=f"{base} (new run)" if edited else base, opacity=0.7,
+                                  metadata=owned_metadata("instances", result.source, task=result.task),
+                                  **kwargs)
         track_edits(target)
     rows, cols = result.region
     target.data[result.plane + (rows, cols)] = labels  # the layer's array: a copy of the result's

@@ -84,3 +84,33 @@ def test_clicked_point_sets_the_query_on_the_tile_around_it(make_napari_viewer, 
     assert query_map.sum() == pytest.approx(1.0, rel=1e-4)
     points = [layer for layer in viewer.layers if layer.name == "he attention query"]
     assert len(points) == 1 and np.allclose(points[0].data, [[300, 200]])
+
+
+
+def test_the_whole_visible_region_outlines_every_tile_it_counts(make_napari_viewer, tiny_checkpoint,
+                                                                small_image, wait_for, messages,
+                                                                qtbot):
+    """'Which places get looked at most' over a region of several tiles: one outline per analysed
+    tile, and the text gives the same number (it once said 16 tiles while one was outlined)."""
+    import re
+
+    from qtpy.QtCore import Qt
+
+    image = np.tile(small_image, (2, 2, 1))[:160, :200]   # 3 x 4 tiles of the test model's 64 px
+    viewer, layer, widget = _viewer_with_model(make_napari_viewer, tiny_checkpoint, image)
+    viewer.window.add_dock_widget(widget, name="Attention")
+    widget.visible_only.setChecked(True)
+    qtbot.mouseClick(widget.run_button, Qt.LeftButton)
+    wait_for(widget)
+    assert not errors(messages), messages
+    assert widget.kind.currentData() == "received"
+    outline = next(l for l in viewer.layers if l.name.startswith("he analysed tile"))
+    said = int(re.search(r"(\d+) tiles?", widget.summary.text()).group(1))
+    assert said == widget.maps.tiles == len(outline.data) == 12
+    boxes = np.array([[d[:, 0].min(), d[:, 0].max(), d[:, 1].min(), d[:, 1].max()] for d in outline.data])
+    assert boxes[:, 0].min() == -0.5 and boxes[:, 1].max() == 159.5 and boxes[:, 3].max() == 199.5
+    # a point query outlines just its tile, and says so
+    widget.run(query=(100.0, 150.0))
+    wait_for(widget)
+    widget.kind.setCurrentIndex(widget.kind.findData("query"))
+    assert len(outline.data) == 1 and "its tile" in widget.summary.text()
