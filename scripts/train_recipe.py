@@ -22,11 +22,17 @@ def main() -> None:
     ap.add_argument("--all-images", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from src_models.checkpoints import card_path
     from src_models.train import TrainConfig, train
 
     recipe = json.loads(Path(args.recipe).read_text())
     if args.out:
         recipe["out"] = args.out
+    # The checkpoint's readable card is written beside it as NAME.json: a recipe saved under that
+    # name would be overwritten by the card at the first validation.
+    if card_path(recipe["out"]).resolve() == Path(args.recipe).resolve():
+        sys.exit(f"the recipe {args.recipe} is where the card of {recipe['out']} will be written; "
+                 f"name the recipe or the checkpoint differently")
     if args.all_images:
         recipe["validate"] = False
     summary = train(TrainConfig(**recipe))
