@@ -17,8 +17,8 @@ import numpy as np
 from napari.layers import Image, Shapes
 from napari.qt.threading import thread_worker
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
-                            QPushButton, QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QLabel, QPushButton,
+                            QSpinBox, QVBoxLayout, QWidget)
 from superqt import QLabeledDoubleSlider
 
 from src_models.runtime_onnx import default_runtime
@@ -288,9 +288,10 @@ class SegmentWidget(QWidget):
         self.visible_only = QCheckBox("Visible region only")
         self.visible_only.setToolTip("For big images: segments what the canvas shows; an earlier "
                                      "result of the whole image is kept outside that region")
-        self.draw_region = LayerCombo(viewer, (Shapes,), none_text="none (visible region / whole image)")
+        self.draw_region = LayerCombo(viewer, (Shapes,), none_text="none")
         self.draw_region.setToolTip("A Shapes layer with a rectangle drawn around the part to "
-                                    "segment (e.g. of a whole slide); the result lands there")
+                                    "segment (e.g. of a whole slide); none: the visible region "
+                                    "(if ticked, or on a slide) or the whole image")
         self.run_button = QPushButton("Segment")
         self.run_button.setToolTip(f"Segment the chosen image with the current model ({SEGMENT_KEY}). "
                                    f"A stack: the plane on screen. A whole slide: what the canvas "
@@ -316,12 +317,10 @@ class SegmentWidget(QWidget):
         region_form = QFormLayout()
         region_form.addRow("Drawn region", self.draw_region)
         inner.addLayout(region_form)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button, 2)
-        buttons.addWidget(self.export_button, 1)
-        inner.addLayout(buttons)
+        inner.addWidget(self.run_button)
         inner.addWidget(self.jobs)
         inner.addWidget(self.summary)
+        inner.addWidget(self.export_button)
         inner.addStretch(1)
         scrolling(self, inner)
 
