@@ -66,6 +66,7 @@ def main() -> int:
                     help="comma-separated validation image names, or a count (default: all)")
     ap.add_argument("--steps", type=int, default=None, help="default: the engine's")
     ap.add_argument("--lr", type=float, default=None, help="default: the engine's")
+    ap.add_argument("--replay-per-batch", type=int, default=None, help="default: the engine's")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="default: benchmarks/results/finetune_<task>")
     args = ap.parse_args()
@@ -83,7 +84,8 @@ def main() -> int:
         val = val[:int(args.images)]
     elif args.images:
         val = [n.strip() for n in args.images.split(",") if n.strip()]
-    overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
+    overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr),
+                                   ("replay_per_batch", args.replay_per_batch)) if v is not None}
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"finetune_{task}")
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/bench_finetune.py " + " ".join(sys.argv[1:])
