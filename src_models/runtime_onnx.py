@@ -51,7 +51,7 @@ OPSET = 18
 INSTALL_HINT = "pip install onnxruntime onnx onnxscript"
 # How many batches of tiles the exported graph runs at once (each on threads // workers threads);
 # 1 = one batch at a time on all threads.
-GRAPH_WORKERS_DEFAULT = 1
+GRAPH_WORKERS_DEFAULT = 2
 
 
 class RuntimeFallbackWarning(RuntimeWarning):
