@@ -41,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="where the model runs; auto = CUDA, else Apple MPS, else CPU")
     p.add_argument("--runtime", default=None, choices=["auto", "torch", "onnx"],
                    help="what runs the model: onnx = the model exported once into your cache folder "
-                        "and run by ONNX Runtime (about 2x faster on a CPU), torch = PyTorch, auto = "
+                        "and run by ONNX Runtime (faster on a CPU; see the README's Performance), torch = PyTorch, auto = "
                         "onnx on the CPU when installed and matching PyTorch, else torch "
                         "(default: $NAPARI_DCA_RUNTIME, else auto)")
     p.add_argument("--tile", type=int, default=None, metavar="N",
