@@ -107,13 +107,18 @@ def test_skipped_chunks_stay_empty_and_cost_no_model_call():
     assert result.boxes[:, 0].tolist() == [1]
 
 
-@pytest.mark.parametrize("rule,fn", [("own", nuclei_fn), ("join", glands_fn)])
-def test_interrupted_run_resumes_to_the_same_labels(tmp_path, rule, fn):
+def _uninterrupted_run(rule, fn):
+    """The straddling discs labelled in one uninterrupted run: what an interrupted run must equal."""
     prob = discs((192, 192), STRADDLING)
     grid = ChunkGrid(192, 192, CHUNK, MARGIN)
     source = lambda y0, y1, x0, x1: prob[y0:y1, x0:x1]   # noqa: E731
     reference = np.zeros(prob.shape, np.int32)
-    ref = label_cores(source, fn, reference, grid, rule)
+    return prob, grid, source, reference, label_cores(source, fn, reference, grid, rule)
+
+
+@pytest.mark.parametrize("rule,fn", [("own", nuclei_fn), ("join", glands_fn)])
+def test_interrupted_run_resumes_to_the_same_labels(tmp_path, rule, fn):
+    prob, grid, source, reference, ref = _uninterrupted_run(rule, fn)
 
     work = np.zeros(prob.shape, np.int32)
     calls = {"n": 0}
@@ -164,11 +169,7 @@ class _DiesBeforeRecording(ChunkLog):
 @pytest.mark.parametrize("rule,fn", [("own", nuclei_fn), ("join", glands_fn)])
 @pytest.mark.parametrize("after", [2, 5])
 def test_a_core_retried_after_its_write_rewrites_the_same_result(tmp_path, rule, fn, after):
-    prob = discs((192, 192), STRADDLING)
-    grid = ChunkGrid(192, 192, CHUNK, MARGIN)
-    source = lambda y0, y1, x0, x1: prob[y0:y1, x0:x1]   # noqa: E731
-    reference = np.zeros(prob.shape, np.int32)
-    ref = label_cores(source, fn, reference, grid, rule)
+    prob, grid, source, reference, ref = _uninterrupted_run(rule, fn)
     work = np.zeros(prob.shape, np.int32)
     with pytest.raises(SystemExit):
         label_cores(source, fn, work, grid, rule, log=_DiesBeforeRecording(tmp_path / "log", after))

@@ -206,3 +206,18 @@ def keep_every_round(monkeypatch):
         return out
     monkeypatch.setattr(engine, "finetune", kept)
     return kept
+
+
+def segmented_viewer(make_napari_viewer, checkpoint, image, wait_for):
+    """A viewer with `image` as layer "he", `checkpoint` loaded and one Segment run finished:
+    the starting point of the tests that go on from a first result. Returns (viewer, seg)."""
+    from napari_dca._widgets._state import get_state, load_model_into
+    from napari_dca._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="he")
+    load_model_into(get_state(viewer), checkpoint)
+    seg = SegmentWidget(viewer)
+    seg.run()
+    wait_for(seg)
+    return viewer, seg

@@ -4,22 +4,15 @@ import torch  # noqa: F401  (before Qt)
 import numpy as np
 import pytest
 
-from conftest import errors
+from conftest import errors, segmented_viewer
 
 pytestmark = pytest.mark.gui
 
 
 def _setup(make_napari_viewer, checkpoint, image, wait_for):
-    from napari_dca._widgets._state import get_state, load_model_into
     from napari_dca._widgets.finetune import FinetuneWidget
-    from napari_dca._widgets.segment import SegmentWidget
 
-    viewer = make_napari_viewer()
-    viewer.add_image(image, name="he")
-    load_model_into(get_state(viewer), checkpoint)
-    seg = SegmentWidget(viewer)
-    seg.run()
-    wait_for(seg)
+    viewer, seg = segmented_viewer(make_napari_viewer, checkpoint, image, wait_for)
     output = seg.labels_layer()
     # the "pathologist" corrects: two square objects in the top-left corner
     corrected = np.zeros(image.shape[:2], np.int32)

@@ -5,7 +5,7 @@ import torch  # noqa: F401  (before Qt)
 import numpy as np
 import pytest
 
-from conftest import errors, settle
+from conftest import errors, segmented_viewer, settle
 
 pytestmark = pytest.mark.gui
 
@@ -61,16 +61,9 @@ def test_layers_menu_has_a_segment_entry():
 def test_readable_defaults_contours_no_probability_theme_plots(make_napari_viewer, wait_for,
                                                                 trained_checkpoint, small_image,
                                                                 messages):
-    from napari_dca._widgets._state import get_state, load_model_into
     from napari_dca._widgets.finetune import FinetuneWidget
-    from napari_dca._widgets.segment import SegmentWidget
 
-    viewer = make_napari_viewer()
-    viewer.add_image(small_image, name="he")
-    load_model_into(get_state(viewer), trained_checkpoint)
-    seg = SegmentWidget(viewer)
-    seg.run()
-    wait_for(seg)
+    viewer, seg = segmented_viewer(make_napari_viewer, trained_checkpoint, small_image, wait_for)
     assert not errors(messages)
     assert seg.labels_layer().contour > 0
     assert not any("probability" in layer.name for layer in viewer.layers)

@@ -120,6 +120,15 @@ def _open_slide(viewer, qtbot, path):
     return image
 
 
+def _slide_in_segment(make_napari_viewer, qtbot, path, checkpoint):
+    """A shown viewer with the slide at `path` open and picked in a docked Segment widget."""
+    viewer = shown_viewer(make_napari_viewer, qtbot)
+    image = _open_slide(viewer, qtbot, path)
+    seg = _segment_widget(viewer, checkpoint)
+    seg.image.set_layer(image)
+    return viewer, image, np.asarray(image.scale)[-2:], seg
+
+
 def _zoom_to(viewer, qtbot, image, center_px, zoom):
     """Centre the canvas on level-0 pixel `center_px` at `zoom` screen px per world unit."""
     mpp = np.asarray(image.scale)[-2:]
@@ -134,11 +143,8 @@ def test_on_a_slide_segment_takes_the_visible_region_at_full_resolution(
         monkeypatch):
     import napari_dca._widgets.segment as segment
 
-    viewer = shown_viewer(make_napari_viewer, qtbot)
-    image = _open_slide(viewer, qtbot, small_slide[0])
-    mpp = np.asarray(image.scale)[-2:]
-    seg = _segment_widget(viewer, trained_checkpoint)
-    seg.image.set_layer(image)
+    viewer, image, mpp, seg = _slide_in_segment(make_napari_viewer, qtbot, small_slide[0],
+                                                trained_checkpoint)
     cy, cx = _on_tissue(small_slide[1])
 
     # zoomed out over the whole slide, a run would read all of level 0: refused, with a message
@@ -182,11 +188,8 @@ def test_on_a_slide_a_drawn_rectangle_is_segmented_fine_tuned_and_analysed(
     from napari_dca._widgets.attention import AttentionWidget
     from napari_dca._widgets.finetune import FinetuneWidget
 
-    viewer = shown_viewer(make_napari_viewer, qtbot)
-    image = _open_slide(viewer, qtbot, small_slide[0])
-    mpp = np.asarray(image.scale)[-2:]
-    seg = _segment_widget(viewer, trained_checkpoint)
-    seg.image.set_layer(image)
+    viewer, image, mpp, seg = _slide_in_segment(make_napari_viewer, qtbot, small_slide[0],
+                                                trained_checkpoint)
     _zoom_to(viewer, qtbot, image, (400, 600), 3.0 / mpp[0])
     # the user draws a rectangle with napari's own tool (world coordinates are µm)
     shapes = viewer.add_shapes(name="region", scale=image.scale)
