@@ -285,8 +285,11 @@ def init_from(model: torch.nn.Module, checkpoint: str, architecture: str, head: 
     names of the weights not taken from the parent as they were."""
     from .checkpoints import load_checkpoint
     parent, parent_card = load_checkpoint(checkpoint)
-    same_body = {k: v for k, v in parent_card.model_kwargs.items() if k != "num_classes"} == \
-        {k: v for k, v in model.config.items() if k != "num_classes"}
+    # patch_size only sets DCA's token grid (pooling size), not any weight's shape: a model with a
+    # finer token grid (the "accurate" variants) starts from the fast one's weights.
+    shape_free = {"num_classes", "patch_size"}
+    same_body = {k: v for k, v in parent_card.model_kwargs.items() if k not in shape_free} == \
+        {k: v for k, v in model.config.items() if k not in shape_free}
     if parent_card.architecture != architecture or not same_body:
         raise ValueError(f"--init checkpoint {checkpoint} is a {parent_card.architecture} with "
                          f"{parent_card.model_kwargs}, not the requested {architecture} with {model.config}")

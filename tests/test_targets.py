@@ -142,6 +142,10 @@ def test_training_a_three_class_head_from_a_binary_parent(tmp_path):
     for name, value in parent.state_dict().items():
         if not name.startswith("head."):
             assert torch.equal(fresh.state_dict()[name], value)
+    # A finer token grid (patch 8, the accurate variants) has the same weights: all of them are taken.
+    finer = build_model("unet", width=0.125, patch_size=8)
+    assert init_from(finer, str(tmp_path / "parent.safetensors"), "unet") == []
+    assert all(torch.equal(finer.state_dict()[k], v) for k, v in parent.state_dict().items())
     # The final-weights mode: every image, no validation, the card says so.
     cfg.validate, cfg.out, cfg.steps = False, str(tmp_path / "all.safetensors"), 1
     train(cfg)
