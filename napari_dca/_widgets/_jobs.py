@@ -81,7 +81,7 @@ class JobPanel(QWidget):
             return
         self.bar.setMaximum(max(total, 1))
         self.bar.setValue(done)
-        unit = self.unit
+        unit = getattr(self, "_job_unit", self.unit)
         self.bar.setFormat(f"{unit} {done} / {total}{time_left(time.monotonic() - self._t0, done, total)}")
 
     def _on_stage(self, text: str) -> None:
@@ -91,11 +91,16 @@ class JobPanel(QWidget):
         self.bar.setFormat(text)
 
     def run(self, fn: Callable[[Callable, threading.Event], Any], on_result: Callable[[Any], None],
-            what: str, hint: str = "") -> bool:
-        """Starts `fn` in a worker unless one is running; False (and a message) if busy."""
+            what: str, hint: str = "", unit: str | None = None,
+            on_cancelled: Callable[[], str] | None = None) -> bool:
+        """Starts `fn` in a worker unless one is running; False (and a message) if busy.
+        `unit` names what this job's counts count (the panel's own unit otherwise);
+        `on_cancelled()` runs on the GUI thread when the job stopped at Cancel and returns the
+        one-line message shown then (default: "<what> cancelled.")."""
         if self.worker is not None:
             show_info("napari-dca is still busy; wait for it or press Cancel.")
             return False
+        self._job_unit = unit or self.unit
         self._cancel.clear()
         cancel = self._cancel
         self._t0 = time.monotonic()
@@ -135,7 +140,8 @@ class JobPanel(QWidget):
                 if status == "ok":
                     on_result(value)
                 elif status == "cancelled":
-                    show_info(f"napari-dca: {what} cancelled.")
+                    show_info(on_cancelled() if on_cancelled is not None
+                              else f"napari-dca: {what} cancelled.")
                 else:
                     msg = str(value) if isinstance(value, UserError) else (
                         f"{what} failed: {value}. {hint}".strip())

@@ -609,17 +609,37 @@ class SegmentWidget(QWidget):
         labels = np.array(data, copy=True)  # the worker never reads the layer the user may paint
         image_name = image.name if image is not None else labels_layer.name
 
+        existed = path.exists()
+
         def job(report, cancel):
+            from src_models.inference import Cancelled
             from src_models.slide.geojson import labels_to_geojson
             report(0, 0, stage="tracing object outlines…")
+
+            def progress(done, total):
+                # Cancel stops the writer here, between two objects: it removes its temporary
+                # file, so the target keeps whatever it held before (or stays absent)
+                if cancel.is_set():
+                    raise Cancelled(f"GeoJSON export cancelled after {done} of {total} objects")
+                if done:
+                    report(done, total)
             return labels_to_geojson(labels, path, class_name=class_name, offset=offset,
-                                     image_name=image_name)
+                                     image_name=image_name, progress=progress)
 
         def done(written):
             n = count_objects(labels)
             self.summary.setText(f"Exported {n} objects of '{labels_layer.name}' to {Path(written).name} "
                                  f"(QuPath GeoJSON, level-0 pixels{' from y %d, x %d' % offset if any(offset) else ''}).")
-        return self.jobs.run(job, done, "GeoJSON export", hint="Choose a writable folder.")
+
+        def cancelled() -> str:
+            kept = (f"the existing {path.name} is unchanged" if existed
+                    else f"no {path.name} was created")
+            line = f"GeoJSON export cancelled: nothing was written, {kept}."
+            if alive(self):
+                self.summary.setText(line)
+            return line
+        return self.jobs.run(job, done, "GeoJSON export", hint="Choose a writable folder.",
+                             unit="object", on_cancelled=cancelled)
 
     def _export_source(self):
         """(labels layer to export, its image layer or None)."""

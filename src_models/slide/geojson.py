@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -123,20 +123,32 @@ class GeoJSONWriter:
 
 def labels_to_geojson(labels: np.ndarray, path: str | Path, class_name: str = "Nucleus",
                       colour: tuple[int, int, int] | None = None, offset: tuple[int, int] = (0, 0),
-                      image_name: str = "image") -> Path:
-    """A whole (in-memory) label image as GeoJSON: one Feature per id (napari's export)."""
+                      image_name: str = "image",
+                      progress: Callable[[int, int], None] | None = None) -> Path:
+    """A whole (in-memory) label image as GeoJSON: one Feature per id (napari's export).
+
+    progress(done, total): objects written so far (0 while the outlines are traced), called
+    often while tracing and between Features, and once more before the file is renamed into
+    place. An exception raised by it (the GUI's Cancel) stops the write: the temporary file is
+    removed and an earlier file at `path` stays as it was."""
     labels = np.asarray(labels)
     colour = colour or CLASS_COLOURS.get(class_name, (255, 200, 0))
     writer = GeoJSONWriter(path)
     try:
         ids = np.unique(labels)
         ids = ids[ids > 0]
-        outlines = window_polygons(labels, ids, offset[0], offset[1])
+        total = len(ids)
+        tick = (lambda: progress(0, total)) if progress is not None else None
+        outlines = window_polygons(labels, ids, offset[0], offset[1], check=tick)
         areas = np.bincount(labels.ravel().astype(np.int64)) if len(ids) else []
-        for lab in ids.tolist():
+        for done, lab in enumerate(ids.tolist()):
+            if progress is not None and done % 64 == 0:
+                progress(done, total)
             if outlines.get(lab):
                 writer.add(feature(outlines[lab], object_uuid(image_name, lab), class_name, colour,
                                    {"Area px": float(areas[lab])}, lab))
+        if progress is not None:
+            progress(total, total)  # the last chance to stop before the rename
     except BaseException:
         writer.abort()
         raise
@@ -148,14 +160,16 @@ def labels_to_geojson(labels: np.ndarray, path: str | Path, class_name: str = "N
 _STEP = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], np.int64)
 
 
-def window_polygons(labels: np.ndarray, ids, y0: int = 0, x0: int = 0) -> dict[int, list[np.ndarray]]:
+def window_polygons(labels: np.ndarray, ids, y0: int = 0, x0: int = 0,
+                    check: Callable[[], None] | None = None) -> dict[int, list[np.ndarray]]:
     """Outer rings of every object `ids` in a label window (pixel (0, 0) = level-0 (y0, x0)),
     traced along pixel edges for all objects at once: {id: [ring (n, 2) of x, y, closed]}.
 
     The rings follow the pixel boundary exactly (filling a ring's pixel centres gives back the
     object, holes filled), corners only (no collinear vertices), so they are simple polygons; an
     object in several 4-connected pieces has one ring per piece. Much faster than tracing each
-    object with marching squares: a slide has 10^5 - 10^6 nuclei."""
+    object with marching squares: a slide has 10^5 - 10^6 nuclei. `check()` is called every few
+    hundred rings; an exception it raises stops the tracing (a cancelled export)."""
     labels = np.asarray(labels)
     ids = np.asarray(sorted(int(i) for i in ids), np.int64)
     if not len(ids):
@@ -200,9 +214,13 @@ def window_polygons(labels: np.ndarray, ids, y0: int = 0, x0: int = 0) -> dict[i
     seen = np.zeros(len(start), bool)
     out: dict[int, list[np.ndarray]] = {}
     nxt_list, skey_list = nxt.tolist(), skeys.tolist()
+    rings = 0
     for e0 in range(len(start)):
         if seen[e0]:
             continue
+        rings += 1
+        if check is not None and rings % 256 == 0:
+            check()
         cycle = []
         e = e0
         while not seen[e]:
