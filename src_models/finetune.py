@@ -24,7 +24,8 @@ import torch.nn as nn
 
 from .augment import flip_rot90
 from .finetune_check import (DICE_MARGIN, REPLAY_TOLERANCE, RegionScore, choose_postprocessing,
-                             crop_probabilities, judge_round, region_probabilities, replay_crops,
+                             crop_probabilities, informative_objects, judge_round,
+                             region_probabilities, replay_crops,
                              score_region, score_replay, split_check)
 from .losses import dice_ce_loss, labels_to_target, touching_gap_weights
 from .targets import HEADS, card_target, head_channels, head_of
@@ -462,7 +463,9 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
     result.replay_after = score_replay(new, crops, card, new_params, count_min, device)
     result.corrections.update({
         "check": {"source": result.check_source, "before": result.check_before.to_dict(),
-                  "after": result.check_after.to_dict()},
+                  "after": result.check_after.to_dict(),
+                  "objects_either_model_found": informative_objects(result.check_before,
+                                                                     result.check_after)},
         "replay_check": (None if result.replay_before is None else
                          {"crops": len(crops), "before": result.replay_before.to_dict(),
                           "after": result.replay_after.to_dict()}),

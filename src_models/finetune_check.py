@@ -9,7 +9,7 @@ the user, how many of their corrected objects a prediction matches (IoU > 0.5, o
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,6 +22,10 @@ from .instances import InstanceMaker, InstanceParams, remove_small
 # --------------------------------------------------------------------------- the check part
 MIN_CHECK_OBJECTS = 2       # a check of one object cannot see two of them merge
 MAX_CHECK_FRACTION = 0.4    # never hold back more of the reviewed area than this
+# A check on which no model finds (IoU > 0.5) a single held-back object carries no object signal:
+# its scores cannot move whatever the round did (GlaS train_57). One found object, with the pixel
+# Dice on the whole held-back part, is evidence.
+MIN_FOUND_OBJECTS = 1
 
 
 def _objects_beyond(inside: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
@@ -127,13 +131,17 @@ def hold_back_objects(valid: np.ndarray, labels: np.ndarray, fraction: float, ax
 class RegionScore:
     """One model's result on a set of corrected objects: `matched` of `objects` corrected objects
     have a predicted object with IoU > 0.5; `score` is the task's object score (higher is better);
-    `dice` the pixel Dice of foreground; `predicted` how many objects the model found there."""
+    `dice` the pixel Dice of foreground; `predicted` how many objects the model found there;
+    `found` which corrected objects were matched (their ranks among the corrected ids counted
+    there; the same for two models scored on the same part), None when not known. `found` is not
+    part of `to_dict` (the card records counts, not tens of ids per round)."""
     matched: int
     objects: int
     score: float
     metric: str
     dice: float = float("nan")
     predicted: int = 0
+    found: tuple[int, ...] | None = field(default=None, compare=False)
 
     @property
     def count_error(self) -> int:
@@ -141,7 +149,20 @@ class RegionScore:
         return abs(self.predicted - self.objects)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("found")
+        return d
+
+
+def informative_objects(before: RegionScore, after: RegionScore) -> int:
+    """How many corrected objects of a check at least one of the two models matched: only those can
+    show a change (an object neither model finds scores the same for both, whatever the round did;
+    GlaS train_57: 0 of 2 held-back glands found before and after, object F1 0.5 -> 0.5 on them,
+    and the kept round lost 0.14 on the unseen half). Without per-object matches, the larger of the
+    two matched counts (a lower bound)."""
+    if before.found is None or after.found is None:
+        return max(before.matched, after.matched)
+    return len(set(before.found) | set(after.found))
 
 
 def task_metric(task: str) -> str:
@@ -160,9 +181,10 @@ def compare_labels(gt: np.ndarray, pred: np.ndarray, task: str, min_size: int = 
         score = M.aji(gt, pred)
     else:
         score = M.dice(gt, pred)
-    pq = M.panoptic_quality(gt, pred)
-    return RegionScore(matched=pq.tp, objects=int(gt.max()), score=float(score), metric=metric,
-                       dice=float(M.dice(gt > 0, pred > 0)),
+    ov = M.overlaps(gt, pred)
+    found = tuple(sorted(int(i) for i in ov.gi[ov.iou > 0.5]))   # IoU > 0.5: unique, as in PQ
+    return RegionScore(matched=len(found), objects=int(gt.max()), score=float(score), metric=metric,
+                       dice=float(M.dice(gt > 0, pred > 0)), found=found,
                        # counted like the corrections: slivers of objects cut at the part's edge are not
                        predicted=int(remove_small(pred, min_size).max()))
 
@@ -321,7 +343,10 @@ def judge_round(check_before: RegionScore, check_after: RegionScore,
     objects (or of the trained-on ones, when nothing could be held back) cannot tell a better round
     from a worse one (GlaS train_35: 1 held-back gland matched before and after, 0.73 -> 0.67 on the
     unseen half), so such a round is rolled back whatever its scores, and the user is told to
-    correct a larger area."""
+    correct a larger area. So is a round whose check has fewer than `MIN_FOUND_OBJECTS` corrected
+    objects that either model matches (`informative_objects`): the others score alike for both
+    models, so "no worse" there is no evidence (GlaS train_57: neither model found either held-back
+    gland, the kept round lost 0.14 on the unseen half)."""
     where = "the held-back part of your corrections" if held_back else "your corrections"
     b, a = check_before, check_after
     if a.score < b.score:
@@ -336,6 +361,12 @@ def judge_round(check_before: RegionScore, check_after: RegionScore,
         return False, (f"rolled back, too few corrections to check the round: {n} corrected "
                        f"object{'' if n == 1 else 's'} could be held back, at least {min_objects} are "
                        f"needed; correct a larger area and fine-tune again")
+    seen = informative_objects(b, a)
+    if seen < MIN_FOUND_OBJECTS:
+        found = "any" if seen == 0 else f"more than {seen}"
+        return False, (f"rolled back, the check cannot judge the round: neither the previous nor the "
+                       f"fine-tuned model found {found} of your {b.objects} held-back objects; "
+                       f"correct a larger area and fine-tune again")
     rb, ra = replay_before, replay_after
     if rb is not None and ra is not None and ra.dice < rb.dice - replay_tolerance:
         return False, (f"rolled back, worse on the model's training data "

@@ -308,6 +308,47 @@ def test_a_good_round_is_kept_and_recorded_in_the_card():
     assert [r["round"] for r in card2.corrections["rounds"]] == [1, 2]
 
 
+
+def test_a_check_neither_model_can_see_rolls_the_round_back():
+    # GlaS train_57, built on purpose: the held-back objects are corrected where the image shows no
+    # nucleus, so neither the previous nor the fine-tuned model finds any of them; their scores
+    # cannot drop (0 -> 0) and used to let the round be kept on no evidence.
+    from src_models.finetune_check import split_check
+    image, labels = nuclei_grid()
+    check = split_check(np.ones(labels.shape, bool), labels, 0.25)
+    unseen = check & (labels > 0)
+    image[unseen] = (230, 170, 200)                           # background colour: nothing to find
+    res = finetune(DarknessModel().eval(), image, labels, steps=3, lr=1e-3, tile_size=TILE,
+                   card=toy_card(), replay=[nuclei_grid()])
+    b, a = res.check_before, res.check_after
+    assert b.objects >= 2 and b.matched == a.matched == 0
+    assert a.score >= b.score and a.dice >= b.dice - 0.02     # every score held: no signal moved
+    assert res.replay_after.dice >= res.replay_before.dice - 0.01
+    assert not res.kept and res.model is not res.trained
+    assert "neither the previous nor the fine-tuned model found any of your" in res.reason
+    rnd = res.card(toy_card()).corrections["rounds"][-1]
+    assert rnd["kept"] is False and rnd["check"]["objects_either_model_found"] == 0
+    assert "found" not in rnd["check"]["before"]              # counts on the card, not ids
+    # the same round on a visible check is kept: the rule needs evidence, it does not forbid rounds
+    good = finetune(DarknessModel().eval(), nuclei_grid()[0], labels, steps=3, lr=1e-3,
+                    tile_size=TILE, card=toy_card(), replay=[nuclei_grid()])
+    assert good.kept and good.corrections["check"]["objects_either_model_found"] >= 2
+
+
+def test_objects_one_model_finds_count_as_evidence_and_the_others_do_not():
+    from src_models.finetune_check import informative_objects, judge_round
+    replay = score(4, 6, 0.8, 0.9, 6)
+    b, a = score(0, 3, 0.5, 0.6, 3), score(0, 3, 0.5, 0.6, 3)
+    kept, reason = judge_round(b, a, replay, replay, True)
+    assert not kept and "found any of your 3 held-back objects" in reason
+    b.found, a.found = (), ()                                 # known: none found by either
+    assert informative_objects(b, a) == 0 and not judge_round(b, a, replay, replay, True)[0]
+    b.found, a.found = (), (2,)                               # the new model finds one: evidence
+    b.matched, a.matched, a.score = 0, 1, 0.67
+    assert informative_objects(b, a) == 1 and judge_round(b, a, replay, replay, True)[0]
+    b.found, a.found = (0,), (2,)                             # each model finds a different one
+    assert informative_objects(b, a) == 2
+
 def test_the_check_set_is_never_trained_on():
     from src_models.finetune_check import split_check
     image, labels = nuclei_grid()
