@@ -11,6 +11,8 @@ model's card gives (a kept round re-chooses them).
     python benchmarks/bench_finetune.py --dataset GlaS      # glands, every validation image
     python benchmarks/bench_finetune.py --dataset MoNuSeg   # nuclei
     python benchmarks/bench_finetune.py --dataset GlaS --images train_2,train_21 --steps 20
+    python benchmarks/bench_finetune.py --dataset MoNuSeg --crop 160 --set '{"boundary_width": 1}' \
+        --out benchmarks/results/finetune_nuclei_bw1
 
 Per image: the unseen-half score before / after (and of the trained weights whatever the decision,
 to show what the check prevented), whether the round was kept and why, the user's summary line,
@@ -67,6 +69,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="default: the engine's")
     ap.add_argument("--lr", type=float, default=None, help="default: the engine's")
     ap.add_argument("--replay-per-batch", type=int, default=None, help="default: the engine's")
+    ap.add_argument("--crop", type=int, default=None, help="crop side (finetune's tile_size); default: the engine's")
+    ap.add_argument("--set", default=None, metavar="JSON",
+                    help='other finetune arguments, e.g. \'{"boundary_width": 1}\'')
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="default: benchmarks/results/finetune_<task>")
     args = ap.parse_args()
@@ -85,7 +90,9 @@ def main() -> int:
     elif args.images:
         val = [n.strip() for n in args.images.split(",") if n.strip()]
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr),
-                                   ("replay_per_batch", args.replay_per_batch)) if v is not None}
+                                   ("replay_per_batch", args.replay_per_batch),
+                                   ("tile_size", args.crop)) if v is not None}
+    overrides.update(json.loads(args.set) if args.set else {})
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"finetune_{task}")
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/bench_finetune.py " + " ".join(sys.argv[1:])
