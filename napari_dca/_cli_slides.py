@@ -31,7 +31,11 @@ def add_slide_options(p) -> None:
                         "embedded LocalCluster when there are several slides")
     g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="LocalCluster worker processes, one thread each (default: 1 per CPU, at "
-                        "most one per slide)")
+                        "most one per slide; one slide with --workers 2 or more runs its chunks "
+                        "in parallel)")
+    g.add_argument("--chunk-tasks-above", type=int, default=None, metavar="CHUNKS",
+                   help="on dask, a slide with more tissue chunks than this runs one task per "
+                        "chunk, so its chunks spread over the workers (default: 8; 0: always)")
 
 
 def split_slides(paths):
@@ -82,12 +86,14 @@ def segment_slides(slides, args, mode: str, model=None, card=None) -> list[Path]
     workers = args.workers or min(len(todo), os.cpu_count() or 1)
     if args.scheduler is None and workers == 1:
         return _in_process(todo, args, options, model, card)
-    from src_models.slide.cluster import run_slides
+    from src_models.slide.cluster import CHUNK_TASKS_ABOVE, run_slides
     options.update(device=args.device if args.device != "auto" else "cpu",
                    threads=args.threads or 1)
     start = time.perf_counter()
+    above = CHUNK_TASKS_ABOVE if args.chunk_tasks_above is None else bounded_int(
+        "--chunk-tasks-above", args.chunk_tasks_above, 0, 10 ** 9, "a count of chunks")
     outcomes = run_slides(todo, args.out, str(args.checkpoint), options, scheduler=args.scheduler,
-                          workers=workers, overwrite=args.overwrite,
+                          workers=workers, overwrite=args.overwrite, chunk_tasks_above=above,
                           report=BatchReport(len(todo), quiet=args.quiet))
     done = [o for o in outcomes if o.status == "done"]
     hours = (time.perf_counter() - start) / 3600

@@ -19,9 +19,18 @@ stitched so that each comes out once, whole, with one id unique across the image
          cellpose's distributed segmentation does, and a final pass renumbers them 1..n.
   "tile" (semantic class maps) - each core keeps its crop; nothing to join.
 
-Work happens in raster order of cores. After each core, a small record (ids it used, bounding
-boxes, face pairs) is kept (on disk when a `ChunkLog` folder is given), so a run that was killed
-resumes from its completed cores and produces the same labels: re-running a core is idempotent.
+Each core's work has two steps. The per-core step (`window_part`: probabilities -> labels -> the
+part of them the core contributes: its owned objects, or its crop) needs nothing from any other
+core, so cores can run anywhere, in any order, in parallel (slide/cluster.py runs them as dask
+tasks, each storing its part in a `PartStore`). The seam step (`stitch_cores`) then resolves
+ownership conflicts and joins faces in raster order of cores, writing into the work labels; it only
+reads stored parts and the work array, so it costs little next to the model. `label_cores` does
+both, core after core, in one process. Either way a core's part is a pure function of its window,
+so the labels are the same.
+
+After each stitched core, a small record (ids it used, bounding boxes, face pairs) is kept (on
+disk when a `ChunkLog` folder is given), so a run that was killed resumes from its completed cores
+and produces the same labels: re-running a core is idempotent.
 Peak memory: a few windows of probabilities and labels, plus 4 bytes per object for the
 renumbering table.
 """
@@ -78,6 +87,15 @@ class ChunkGrid:
                 out.append(Core(len(out), y, min(self.height, y + self.chunk), x,
                                 min(self.width, x + self.chunk)))
         return out
+
+    def core(self, index: int) -> Core:
+        """The core cores()[index], without listing them all."""
+        cols = -(-self.width // self.chunk)
+        y0, x0 = (index // cols) * self.chunk, (index % cols) * self.chunk
+        if not (0 <= index and y0 < self.height):
+            raise IndexError(f"core {index} is outside a grid of {len(self.cores())} cores")
+        return Core(index, y0, min(self.height, y0 + self.chunk), x0,
+                    min(self.width, x0 + self.chunk))
 
     def window(self, core: Core) -> tuple[int, int, int, int]:
         m = self.margin
@@ -166,6 +184,75 @@ def label_cores(prob_for: ProbabilitySource, label_fn: LabelFunction, work: Any,
     label_fn(prob): int labels of a window (instances.probabilities_to_labels with settings).
     include(core): False to skip a core (no tissue): it stays 0 and costs nothing.
     """
+    def part_for(core: Core) -> "CorePart":
+        window = grid.window(core)
+        return window_part(np.asarray(label_fn(prob_for(*window))), window, core, rule)
+    return stitch_cores(part_for, work, grid, rule, include=include, log=log, progress=progress,
+                        cancel=cancel)
+
+
+@dataclass
+class CorePart:
+    """What one core contributes before the seams are resolved: `labels` (local ids) over the
+    level-0 box `box` (y0, y1, x0, x1). Rule "own": the core's window, holding only the objects
+    the core owns; "join" / "tile": the core's own crop."""
+    labels: np.ndarray
+    box: tuple[int, int, int, int]
+
+
+def window_part(labels: np.ndarray, window: tuple[int, int, int, int], core: Core,
+                rule: str) -> CorePart:
+    """The per-core step after labelling a window: keep what `core` contributes under `rule`."""
+    wy0, wy1, wx0, wx1 = window
+    if rule != "own":
+        crop = labels[core.y0 - wy0:core.y1 - wy0, core.x0 - wx0:core.x1 - wx0]
+        return CorePart(np.ascontiguousarray(crop), (core.y0, core.y1, core.x0, core.x1))
+    # ownership: the object's box has its top-left corner in the core (see the module docstring);
+    # the others belong to a neighbour and are dropped here, ids unchanged
+    keep = np.zeros(int(labels.max(initial=0)) + 1, bool)
+    for lab, sl in enumerate(ndi.find_objects(labels), 1):
+        if sl is not None:
+            keep[lab] = (core.y0 <= wy0 + sl[0].start < core.y1
+                         and core.x0 <= wx0 + sl[1].start < core.x1)
+    return CorePart(np.where(keep[labels], labels, 0), (wy0, wy1, wx0, wx1))
+
+
+class PartStore:
+    """Per-core parts on disk, one compressed .npz per core written to a temporary name and
+    renamed: a core computed twice (a retried task) just rewrites the same file, and a reader
+    never sees half of one."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"part_{index:07d}.npz"
+
+    def has(self, index: int) -> bool:
+        return self.path(index).exists()
+
+    def save(self, index: int, part: CorePart) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(index)
+        # the temporary name is unique per process: two attempts at one core never share a file
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.part.npz")
+        np.savez_compressed(tmp, labels=part.labels, box=np.array(part.box, np.int64))
+        os.replace(tmp, path)
+
+    def load(self, index: int) -> CorePart | None:
+        if not self.has(index):
+            return None
+        with np.load(self.path(index), allow_pickle=False) as z:
+            return CorePart(z["labels"], tuple(int(v) for v in z["box"]))
+
+
+def stitch_cores(part_for: Callable[[Core], CorePart], work: Any, grid: ChunkGrid, rule: str, *,
+                 include: Callable[[Core], bool] | None = None, log: ChunkLog | None = None,
+                 progress: Callable[[int, int], Any] | None = None,
+                 cancel: Callable[[], bool] | None = None) -> ChunkedResult:
+    """The seam step: every core's part (part_for(core): computed now, or loaded from a
+    PartStore) written into `work` in raster order of cores, with ids unique across the image,
+    ownership conflicts resolved (rule "own") and labels touching across faces joined ("join")."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     log = log or ChunkLog()
@@ -183,12 +270,12 @@ def label_cores(prob_for: ProbabilitySource, label_fn: LabelFunction, work: Any,
         else:
             # every rule labels with context: "join"/"tile" then see an object cut by the core
             # border as the larger part of itself the margin holds (filled, size-filtered as such)
-            window = grid.window(core)
-            labels = np.asarray(label_fn(prob_for(*window)))
+            part = part_for(core)
             if rule == "own":
-                record = _write_owned(work, labels, window, core, next_id)
+                record = _write_owned(work, part.labels, part.box, core, next_id)
             else:
-                record = _write_core(work, labels, window, core, next_id, faces=(rule == "join"))
+                record = _write_core(work, part.labels, part.box, core, next_id,
+                                     faces=(rule == "join"))
             log.add(record)
             next_id = record.first_id + record.count
         if progress is not None:

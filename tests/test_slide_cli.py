@@ -43,3 +43,22 @@ def test_batch_report_prints_each_slide_and_the_time_left(capsys):
     captured = capsys.readouterr()
     assert captured.out.splitlines() == ["a.svs: 5 objects", "c.svs: 7 objects"]
     assert "b.svs: failed: bad file" in captured.err and "~10 s left" in captured.err
+
+
+def test_one_slide_on_several_workers_goes_to_dask_with_chunk_tasks(tmp_path, monkeypatch, capsys):
+    from src_models.slide import cluster
+    monkeypatch.setattr(_cli_segment, "load_model",
+                        lambda checkpoint, device: (pipe.DarkIsForeground(), pipe.CARD))
+    slide, _ = make_slide(tmp_path / "one.svs", (512, 512), seed=6, islands=1)
+    seen = {}
+
+    def fake_run_slides(slides, out, checkpoint, options, **kw):
+        seen.update(kw, slides=slides)
+        return [cluster.SlideOutcome(slides[0], "done", "one.svs: 1 objects")]
+    monkeypatch.setattr(cluster, "run_slides", fake_run_slides)
+    code = cli.main(["segment", str(slide), "-o", str(tmp_path / "out"), "--workers", "2",
+                     "--chunk-tasks-above", "0", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert seen["workers"] == 2 and seen["chunk_tasks_above"] == 0 and len(seen["slides"]) == 1
+    assert cli.main(["segment", str(slide), "-o", str(tmp_path / "out"), "--workers", "2",
+                     "--chunk-tasks-above", "-1"]) == 2

@@ -9,7 +9,7 @@ pytest.importorskip("distributed")
 
 import cloudpickle  # noqa: E402  (comes with distributed)
 
-from src_models.slide.cluster import run_slides, segment_slide_task  # noqa: E402
+from src_models.slide.cluster import plan_slide_task, run_slides  # noqa: E402
 from src_models.slide.pipeline import output_paths, segment_slide  # noqa: E402
 from src_models.slide.zarr_labels import open_labels  # noqa: E402
 from src_models.testing.make_slide import make_slide  # noqa: E402
@@ -41,5 +41,5 @@ def test_two_worker_cluster_equals_single_process(tmp_path):
         b = np.asarray(open_labels(output_paths(slide, tmp_path / "cluster")["labels"]))
         assert a.max() > 0 and np.array_equal(a, b)
     # idempotent: a slide whose outputs exist is not redone (checked in this process)
-    again = segment_slide_task(str(slides[0]), str(tmp_path / "cluster"), model, OPTIONS)
+    again = plan_slide_task(str(slides[0]), str(tmp_path / "cluster"), model, OPTIONS)
     assert again.status == "skipped"

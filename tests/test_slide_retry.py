@@ -50,7 +50,7 @@ def test_slide_survives_the_loss_of_its_worker(tmp_path):
     marker = tmp_path / "killed-once"
     model = KillsItsWorkerOnce(str(marker), calls=6)   # 8 tiles a call: two or three chunks in
     outcomes = run_slides([slide, other], tmp_path / "cluster", (model, pipe.CARD), OPTIONS,
-                          workers=1, retries=1)
+                          workers=1, retries=1, chunk_tasks_above=100)   # one task per slide
     assert marker.exists()                                      # the worker really died
     assert int(marker.read_text()) != os.getpid()
     assert [o.status for o in outcomes] == ["done", "done"], [o.summary for o in outcomes]
