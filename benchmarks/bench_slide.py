@@ -2,7 +2,8 @@
 
     python benchmarks/bench_slide.py --size 40000 [--tissue 0.3] [--islands N] [--threads 2]
         [--runtime onnx] [--chunk 2048] [--keep DIR] [--off-region Y0 Y1 X0 X1] [--skip-on]
-        [--workers-check --workers-size 2048 --workers-slides 4 --workers-rounds 2]
+        [--workers-check --workers-size 2048 --workers-slides 4 --workers-rounds 2
+         --chunk-tasks-above CHUNKS]
     python benchmarks/bench_slide.py --size 40000 --keep DIR --generate-only
 
 Steps, each measured run in a fresh subprocess (so its memory is its own):
@@ -17,7 +18,8 @@ Steps, each measured run in a fresh subprocess (so its memory is its own):
    -> wall time, CPU time, tissue MP/s (tissue megapixels / wall time), slides per hour, peak RSS
 4. (--workers-check) the same medium slide copied WORKERS_SLIDES times through the dask
    LocalCluster with 1 and with 2 single-threaded workers, interleaved 1, 2, 1, 2, ... for
-   WORKERS_ROUNDS rounds; medians of slides per hour
+   WORKERS_ROUNDS rounds; medians of slides per hour. With --workers-slides 1 --chunk-tasks-above
+   0 it measures one slide whose chunks run as tasks spread over the workers.
 Peak RSS is the largest sum of the resident memory of the run's whole process tree (the run and
 every process under it: dask nanny and workers), sampled every 0.25 s with psutil, next to the
 kernel's ru_maxrss of the largest single process. The 1-minute load average is sampled alongside
@@ -162,13 +164,18 @@ def child_segment(args) -> int:
 def child_workers(args) -> int:
     """The slides in --child-slides through a LocalCluster of --child-workers workers."""
     from src_models.slide.cluster import slides_per_hour, timed_run
+    from src_models.slide.cluster import CHUNK_TASKS_ABOVE
+    above = CHUNK_TASKS_ABOVE if args.chunk_tasks_above is None else args.chunk_tasks_above
     outcomes, wall = timed_run(args.child_slides, args.out, args.checkpoint,
                                {"chunk": args.chunk, "threads": 1, "device": "cpu",
                                 "runtime": args.runtime},
-                               workers=args.child_workers, retries=0)
+                               workers=args.child_workers, retries=0, chunk_tasks_above=above)
     print(json.dumps({"wall_s": wall, "slides_per_hour": slides_per_hour(outcomes, wall),
                       "statuses": [o.status for o in outcomes],
-                      "slide_seconds": [o.seconds for o in outcomes]}))
+                      "slide_seconds": [o.seconds for o in outcomes],
+                      "chunk_tasks": [o.chunk_tasks for o in outcomes],
+                      "chunk_workers": [o.chunk_workers for o in outcomes],
+                      "summaries": [o.summary for o in outcomes]}))
     return 0
 
 
@@ -188,6 +195,8 @@ def child_generate(args) -> int:
 
 def child_cmd(args, *extra: str) -> list[str]:
     return [sys.executable, __file__, "--threads", str(args.threads), "--chunk", str(args.chunk),
+            *([] if args.chunk_tasks_above is None else
+              ["--chunk-tasks-above", str(args.chunk_tasks_above)]),
             "--checkpoint", args.checkpoint, "--runtime", args.runtime, "--size", str(args.size),
             "--tissue", str(args.tissue)] + \
         (["--islands", str(args.islands)] if args.islands else []) + list(extra)
@@ -265,7 +274,10 @@ def workers_check(tmp: Path, args) -> dict:
                                    "--child-slides", *slides), 1)
             shutil.rmtree(dest, ignore_errors=True)
             runs[workers].append(r)
-    out = {"slide": f"{args.workers_size}x{args.workers_size}, {args.workers_slides} copies",
+    tasks = ("" if args.chunk_tasks_above is None else
+             f", one task per chunk above {args.chunk_tasks_above} tissue chunks")
+    out = {"slide": f"{args.workers_size}x{args.workers_size}, {args.workers_slides} copies, "
+                    f"chunk {args.chunk}{tasks}",
            "order": "1, 2 workers alternating, rounds " + str(args.workers_rounds)}
     for workers, rows in runs.items():
         out[str(workers)] = {
@@ -305,6 +317,10 @@ def main(argv=None) -> int:
     p.add_argument("--workers-size", type=int, default=2048)
     p.add_argument("--workers-slides", type=int, default=4)
     p.add_argument("--workers-rounds", type=int, default=2)
+    p.add_argument("--chunk-tasks-above", type=int, default=None, metavar="CHUNKS",
+                   help="workers check: slides with more tissue chunks run one task per chunk "
+                        "(default: cluster.CHUNK_TASKS_ABOVE; 0 with --workers-slides 1: one "
+                        "slide's chunks spread over the workers)")
     p.add_argument("--tag", default="", help="suffix of the result file names")
     # child modes
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -433,6 +449,12 @@ def markdown(rows: dict, args) -> str:
                          + f" | {r['peak_tree_rss_mb']:.0f} | "
                          + "; ".join(_load(x) for x in r["runs"]) + " |")
         lines.append(f"\n2 workers / 1 worker, slides per hour: {w['speedup_2_over_1']:.2f}x")
+        for k in ("1", "2"):
+            tasks = [(x.get("chunk_tasks") or [0]) for x in w[k]["runs"]]
+            if any(sum(t) for t in tasks):
+                lines.append(f"\n{k} worker(s): chunk tasks per slide "
+                             + "; ".join(f"{t} on {x['chunk_workers']} worker process(es)"
+                                         for t, x in zip(tasks, w[k]["runs"])))
     lines += ["", "Tissue MP/s counts the tissue area found (tissue detection on) or the whole "
               "slide (off) per second of wall time, generation excluded. CPU s is user + system "
               "time of the run's processes."]

@@ -177,3 +177,35 @@ def test_a_core_retried_after_its_write_rewrites_the_same_result(tmp_path, rule,
     resumed = label_cores(source, fn, work, grid, rule, log=ChunkLog(tmp_path / "log"))
     assert np.array_equal(work, reference)
     assert resumed.n_objects == ref.n_objects and np.array_equal(resumed.boxes, ref.boxes)
+
+
+def test_segment_cli_labels_a_large_plain_image_through_the_chunked_step(tmp_path, monkeypatch,
+                                                                         capsys):
+    # "built once, used everywhere": a plain (not pyramidal) image above the size bound goes
+    # through the same chunked step as slides; its labels equal the whole-image step's
+    import imageio.v3 as iio
+    import tifffile
+
+    import src_models.chunked_instances as ci
+    import test_slide_pipeline as pipe
+    from napari_dca import _cli_segment, cli
+    monkeypatch.setattr(_cli_segment, "load_model",
+                        lambda checkpoint, device: (pipe.DarkIsForeground(), pipe.CARD))
+    image = np.full((300, 420, 3), 230, np.uint8)
+    image[discs((300, 420), [(150, 128, 9), (40, 300, 7), (128, 260, 8)], 1.0) > 0.5] = 40
+    iio.imwrite(tmp_path / "plain.png", image)
+    calls = []
+    real = ci.chunked_labels
+    monkeypatch.setattr(ci, "chunked_labels",
+                        lambda *a, **k: calls.append(1) or real(*a, chunk=128, margin=24))
+    runs = {}
+    for bound in (100 * 100, 10 ** 9):      # chunked, then whole-image
+        monkeypatch.setattr(ci, "CHUNKED_ABOVE_PIXELS", bound)
+        out = tmp_path / f"out{bound}"
+        assert cli.main(["segment", str(tmp_path / "plain.png"), "-o", str(out), "--quiet"]) == 0
+        runs[bound] = tifffile.imread(out / "plain.png.labels.tif")
+    capsys.readouterr()
+    assert len(calls) == 1
+    chunked, whole = runs[100 * 100], runs[10 ** 9]
+    assert whole.max() == 3 and chunked[150, 128] > 0          # one across the x = 128 border
+    same_partition(chunked, whole)
