@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QPushButt
 from superqt import QCollapsible
 
 from ._common import (Connections, OWNER_KEY, LayerCombo, UserError, add_layer_keeping_selection, alive,
-                      check_channels, check_image, find_owned_layer, image_by_key, image_key,
+                      check_channels, check_plane_image, find_owned_layer, image_by_key, image_key,
                       layer_region, owned_metadata, show_error)
 from ._jobs import JobPanel
 from ._layout import scrolling, style_axes, theme_colors
@@ -134,6 +134,7 @@ class AttentionWidget(QWidget):
         self.state = get_state(viewer)
         self.maps = None        # src_models.attention.AttentionMaps of the last run
         self.source = None      # stable id (image_key) of the image of the last run
+        self.plane = ()         # the plane of a stack image that the last run analysed
         self._pending = None    # query waiting for the running job to finish (follow mouse)
         self._last_move = 0.0
         self._callbacks = None  # (drag, move) while installed on the canvas
@@ -308,7 +309,7 @@ class AttentionWidget(QWidget):
             return
         data_pos = np.asarray(layer.world_to_data(world))[-2:]
         try:
-            shape = check_image(layer).shape[:2]
+            shape = check_plane_image(self.viewer, layer)[0].shape[:2]
         except UserError:
             return
         if not (0 <= data_pos[0] < shape[0] and 0 <= data_pos[1] < shape[1]):
@@ -320,7 +321,7 @@ class AttentionWidget(QWidget):
         """Computes attention around `query` (image pixels (y, x)) or over the visible region."""
         try:
             layer = self.image.layer()
-            data = check_image(layer)
+            data, plane, _ = check_plane_image(self.viewer, layer)  # a stack: the plane on screen
             model = self.state.model
             if model is None:
                 raise UserError("No model: load one in the Model widget first.")
@@ -361,7 +362,7 @@ class AttentionWidget(QWidget):
         def done(maps):
             if image_by_key(self.viewer, source) is None:
                 return  # the image was closed meanwhile
-            self.maps, self.source = maps, source
+            self.maps, self.source, self.plane = maps, source, plane
             if query is None and self.kind.currentData() == "query":
                 self.kind.setCurrentIndex(self.kind.findData("received"))
             self.show_maps()
@@ -407,6 +408,11 @@ class AttentionWidget(QWidget):
         img_translate = np.asarray(image_layer.translate)[-2:]
         scale = img_scale * np.asarray(m.scale)
         translate = img_translate + img_scale * np.asarray(m.translate)
+        if self.plane:  # one plane of a stack: a one-plane layer placed at it, empty elsewhere
+            lead_scale, lead_translate = self._plane_placement(image_layer)
+            overlay = overlay[(None,) * len(self.plane)]
+            scale = np.concatenate([lead_scale, scale])
+            translate = np.concatenate([lead_translate, translate])
         layer = find_owned_layer(self.viewer, "attention", self.source)
         if layer is None:
             layer = add_layer_keeping_selection(
@@ -442,17 +448,38 @@ class AttentionWidget(QWidget):
         else:
             where = f"Channel emphasis in y {y0}-{y1}, x {x0}-{x1} ({tiles_text(m.tiles)})"
         note = " The map is close to even: this stage spreads its attention evenly here." if flat else ""
+        if self.plane:
+            where += f" of plane {', '.join(map(str, self.plane))}"
         self.summary.setText(f"{where}, stage {stage_idx + 1}, "
                              f"{'mean of heads' if head < 0 else f'head {head + 1}'}.{note}")
+
+    def _plane_placement(self, image_layer) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and translate of the leading (stack) axes that put a one-plane layer on the
+        analysed plane of `image_layer`."""
+        lead = len(self.plane)
+        lead_scale = np.asarray(image_layer.scale)[:lead]
+        return lead_scale, np.asarray(image_layer.translate)[:lead] + np.asarray(self.plane) * lead_scale
+
+    def _on_plane(self, image_layer, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(points (n, 2) of image pixels -> (n, lead + 2) on the analysed plane, scale, translate):
+        markers of a stack's plane are drawn on that plane only."""
+        scale = np.asarray(image_layer.scale)[-2:]
+        translate = np.asarray(image_layer.translate)[-2:]
+        if not self.plane:
+            return points, scale, translate
+        lead = len(self.plane)
+        lifted = np.concatenate([np.tile(np.asarray(self.plane, float), (len(points), 1)), points], 1)
+        return (lifted, np.asarray(image_layer.scale)[-(lead + 2):],
+                np.asarray(image_layer.translate)[-(lead + 2):])
 
     def _outline(self, image_layer, boxes) -> None:
         """A rectangle around each analysed tile (image pixels (y0, y1, x0, x1)): what the text
         counts is what the canvas shows."""
         rects = [np.array([[y0 - 0.5, x0 - 0.5], [y0 - 0.5, x1 - 0.5], [y1 - 0.5, x1 - 0.5],
                            [y1 - 0.5, x0 - 0.5]], float) for y0, y1, x0, x1 in boxes]
+        rects = [self._on_plane(image_layer, r)[0] for r in rects]
         layer = find_owned_layer(self.viewer, "attention tile", self.source)
-        scale = np.asarray(image_layer.scale)[-2:]
-        translate = np.asarray(image_layer.translate)[-2:]
+        _, scale, translate = self._on_plane(image_layer, np.zeros((0, 2)))
         name = f"{image_layer.name} analysed tile{'s' if len(rects) != 1 else ''}"
         if layer is None:
             add_layer_keeping_selection(
@@ -470,11 +497,9 @@ class AttentionWidget(QWidget):
         layer = find_owned_layer(self.viewer, "query", self.source)
         if m.query is None:
             if layer is not None:
-                layer.data = np.zeros((0, 2))
+                layer.data = np.zeros((0, layer.ndim))
             return
-        point = np.asarray([m.query], float)
-        scale = np.asarray(image_layer.scale)[-2:]
-        translate = np.asarray(image_layer.translate)[-2:]
+        point, scale, translate = self._on_plane(image_layer, np.asarray([m.query], float))
         if layer is None:
             add_layer_keeping_selection(
                 self.viewer, "points", point, name=f"{image_layer.name} attention query", scale=scale,

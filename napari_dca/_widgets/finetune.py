@@ -14,7 +14,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
                             QLabel, QPushButton, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
 
 from ._common import (Connections, LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
-                      check_image, find_owned_layer, image_by_key, image_key, is_edited,
+                      check_plane_image, find_owned_layer, image_by_key, image_key, is_edited,
                       owned_metadata, owner, show_error, show_info, warm_up)
 from ._jobs import JobPanel
 from ._layout import scrolling, style_axes, theme_colors
@@ -43,6 +43,7 @@ class Round:
     outcome: str = ""                 # the engine's summary of the round, when it gives one
     saved_as: str = ""
     changes: tuple | None = None      # compare(old labels, new labels), made in the worker
+    plane_before: np.ndarray | None = None  # a stack: the plugin layer's plane before the round
 
 
 def _owner(layer) -> dict:
@@ -79,14 +80,20 @@ def labels_window(image_layer, labels_layer, shape) -> tuple[slice, slice]:
 
 
 def corrections_on_image(image_layer, labels_layer, shapes_layer, shape,
-                         origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+                         origin: tuple[int, int] = (0, 0),
+                         plane: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
     """(labels (H, W) int copy aligned with the image, reviewed-pixels mask (H, W) bool).
 
     `shape` is that of the image, or of a window of it starting at image pixel `origin` (a region
     of a slide). Labels that cover only part of it (e.g. a visible-region run) are placed by their
-    translate; only that part counts as reviewed, intersected with the Shapes layer if one is given."""
+    translate; only that part counts as reviewed, intersected with the Shapes layer if one is given.
+    `plane`: the leading indices of the plane of a stack image being trained on; a stack-shaped
+    labels layer gives that same plane, a 2D one (shown on every plane) itself."""
     h, w = shape
-    data = np.asarray(labels_layer.data)
+    data = labels_layer.data
+    if plane and data.ndim == len(plane) + 2:
+        data = data[plane]
+    data = np.asarray(data)
     if data.ndim != 2:
         raise UserError(f"'{labels_layer.name}' is {data.ndim}D; fine-tuning needs 2D labels of the "
                         f"image.")
@@ -105,22 +112,37 @@ def corrections_on_image(image_layer, labels_layer, shapes_layer, shape,
         if len(shapes_layer.data) == 0:
             raise UserError(f"'{shapes_layer.name}' has no shapes: draw a rectangle or polygon around "
                             f"the region you reviewed, or choose 'whole labels layer'.")
-        if tuple(origin) == (0, 0):
+        if tuple(origin) == (0, 0) and not plane:
             valid &= np.asarray(shapes_layer.to_masks(mask_shape=(h, w))).any(axis=0)
-        else:  # a window of a slide: rasterise only the window
-            valid &= shapes_mask(image_layer, shapes_layer, (h, w), origin)
+        else:  # a window of a slide, or a plane of a stack: rasterise only that
+            valid &= shapes_mask(image_layer, shapes_layer, (h, w), origin, plane)
     return labels, valid
 
 
-def shapes_mask(image_layer, shapes_layer, shape, origin=(0, 0)) -> np.ndarray:
+def _on_plane(image_layer, shapes_layer, vertices: np.ndarray, plane: tuple) -> bool:
+    """Whether a shape drawn on a stack lies on `plane` (shapes with only 2D vertices lie on every
+    plane)."""
+    lead = len(plane)
+    if not lead or vertices.shape[1] < lead + 2:
+        return True
+    first = np.asarray(vertices[0], float)
+    world = first * np.asarray(shapes_layer.scale)[-len(first):] + np.asarray(shapes_layer.translate)[-len(first):]
+    at = np.asarray(image_layer.world_to_data(
+        np.concatenate([np.zeros(image_layer.ndim - len(world)), world])[-image_layer.ndim:]))[:lead]
+    return tuple(int(round(v)) for v in at) == tuple(plane)
+
+
+def shapes_mask(image_layer, shapes_layer, shape, origin=(0, 0), plane: tuple = ()) -> np.ndarray:
     """(H, W) bool: inside any shape of `shapes_layer`, on the image's pixel grid from `origin`
-    (only the window is rasterised, never a whole slide)."""
+    (only the window is rasterised, never a whole slide); on a stack, the shapes of `plane`."""
     from skimage.draw import polygon2mask
 
     mask = np.zeros(shape, bool)
     to_world = np.asarray(shapes_layer.scale)[-2:], np.asarray(shapes_layer.translate)[-2:]
     img_scale, img_translate = np.asarray(image_layer.scale)[-2:], np.asarray(image_layer.translate)[-2:]
     for vertices, kind in zip(shapes_layer.data, shapes_layer.shape_type):
+        if not _on_plane(image_layer, shapes_layer, np.asarray(vertices), plane):
+            continue
         pts = np.asarray(vertices, float)[:, -2:] * to_world[0] + to_world[1]
         pts = (pts - img_translate) / img_scale - np.asarray(origin, float)
         if kind in ("line", "path") or len(pts) < 3:
@@ -203,11 +225,12 @@ def compare(before: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, int, int
     return changes, int(new_only.sum()), int(old_only.sum())
 
 
-def check_same_grid(image_layer, labels_layer, shape) -> None:
+def check_same_grid(image_layer, labels_layer, shape, plane_shape=None) -> None:
     """UserError unless `labels_layer` was made for this image: the same shape, or the plugin's own
-    result of a region of it (placed by its translate)."""
-    data_shape = tuple(np.asarray(labels_layer.data).shape)
-    if data_shape == tuple(shape):
+    result of a region of it (placed by its translate). On a stack (`shape` its labels' shape), a
+    2D layer of one plane's shape (`plane_shape`) fits too."""
+    data_shape = tuple(labels_layer.data.shape)
+    if data_shape == tuple(shape) or (plane_shape is not None and data_shape == tuple(plane_shape)):
         return
     meta = _owner(labels_layer)
     if meta.get("source") == image_key(image_layer) and len(data_shape) == 2:
@@ -220,6 +243,14 @@ def is_reference_mask(layer) -> bool:
     """Ground truth shipped with a sample (or another plugin's reference mask): never a default."""
     meta = layer.metadata or {}
     return "napari_dca_sample" in meta or "ground truth" in layer.name.lower()
+
+
+def _plugin_stack_layer(viewer, source: str, stack_shape: tuple):
+    """The plugin's unedited stack-shaped labels layer of an image (where Segment puts planes)."""
+    from ._common import find_owned_layers
+    layers = [layer for layer in find_owned_layers(viewer, "instances", source)
+              if not is_edited(layer) and tuple(layer.data.shape) == tuple(stack_shape)]
+    return layers[-1] if layers else None
 
 
 class FinetuneWidget(QWidget):
@@ -354,7 +385,8 @@ class FinetuneWidget(QWidget):
     def run(self) -> None:
         try:
             image_layer = self.image.layer()
-            data = check_image(image_layer)
+            # a stack trains on the plane on screen: that plane of the image and of the labels
+            data, plane, stack_shape = check_plane_image(self.viewer, image_layer)
             labels_layer = self.labels.layer()
             if labels_layer is None:
                 raise UserError("No corrected labels chosen: segment the image (Segment widget), "
@@ -364,7 +396,8 @@ class FinetuneWidget(QWidget):
                 raise UserError("No model: load one in the Model widget first.")
             check_channels(image_layer, data, self.state.model, self.state.card)
             shape = data.shape[:2]
-            check_same_grid(image_layer, labels_layer, shape)
+            check_same_grid(image_layer, labels_layer, stack_shape or shape,
+                            plane_shape=shape if stack_shape else None)
             # a slide is never read whole: fine-tune on the window its labels cover
             window = (labels_window(image_layer, labels_layer, shape)
                       if getattr(image_layer, "multiscale", False) else
@@ -372,7 +405,7 @@ class FinetuneWidget(QWidget):
             origin = (window[0].start, window[1].start)
             wshape = (window[0].stop - window[0].start, window[1].stop - window[1].start)
             labels, valid = corrections_on_image(image_layer, labels_layer, self.region.layer(),
-                                                 wshape, origin)
+                                                 wshape, origin, plane)
             if not valid.any():
                 raise UserError("The reviewed region does not overlap the labels: draw it over the "
                                 "part you corrected.")
@@ -389,8 +422,12 @@ class FinetuneWidget(QWidget):
         previous = state.results.get(source)
         # the old model's own prediction of this image, when the cached one is exactly that
         cached = previous if (previous is not None and previous.region == full
-                              and previous.model_tag == old_tag) else None
+                              and previous.model_tag == old_tag and previous.plane == plane) else None
         old_layers = [layer for layer in self.viewer.layers if _owner(layer).get("source") == source]
+        plane_before = None
+        if stack_shape:  # what Revert puts back into this plane of the plugin's stack layer
+            mine = _plugin_stack_layer(self.viewer, source, stack_shape)
+            plane_before = None if mine is None else np.array(mine.data[plane], copy=True)
         scale, translate = region_placement(image_layer, full)
         threshold = previous.threshold if previous is not None else None
         min_size = previous.min_size if previous is not None else None
@@ -412,7 +449,8 @@ class FinetuneWidget(QWidget):
                 result = SegmentResult(source, name, task, full, probs, maker, scale, translate,
                                        threshold=threshold if threshold is not None else maker.params.threshold,
                                        min_size=min_size if min_size is not None else maker.params.min_size,
-                                       model_tag=tag, image_shape=tuple(shape))
+                                       model_tag=tag, image_shape=tuple(shape), plane=plane,
+                                       stack_shape=stack_shape)
                 result.make_labels()
                 return result
 
@@ -446,7 +484,8 @@ class FinetuneWidget(QWidget):
                                      f"kept as the current model (not saved yet).")
             self.round = Round(old_model, old_card, old_checkpoint, old_saved, before, previous,
                                old_layers, out.model, card, new_result, list(out.loss_history),
-                               out.stopped, outcome=engine_summary(out), changes=changes)
+                               out.stopped, outcome=engine_summary(out), changes=changes,
+                               plane_before=plane_before)
             self._apply_new()
 
         self.jobs.run(job, done, "fine-tuning",
@@ -480,13 +519,25 @@ class FinetuneWidget(QWidget):
     def _show_changes(self, r: Round, image) -> None:
         changes = (r.changes if r.changes is not None
                    else compare(r.old_result.labels, r.new_result.labels))[0]
-        layer = find_owned_layer(self.viewer, "changes", r.new_result.source)
+        result = r.new_result
+        scale, translate = result.scale, result.translate
+        if result.stack_shape:  # a stack: the changes of this round's plane, on that plane only
+            stack = np.zeros(result.stack_shape, np.uint8)
+            stack[result.plane] = changes
+            changes = stack
+            nd = len(result.stack_shape)
+            scale, translate = np.asarray(image.scale)[-nd:], np.asarray(image.translate)[-nd:]
+        layer = find_owned_layer(self.viewer, "changes", result.source)
+        if layer is not None and layer.data.shape != changes.shape:
+            if not is_edited(layer):
+                self.viewer.layers.remove(layer)  # the plugin's own, of an earlier other shape
+            layer = None
         if layer is None:
             add_layer_keeping_selection(
                 self.viewer, "labels", changes,
                 name=f"{image.name} changes (green: new model only, red: previous model only)",
-                scale=r.new_result.scale, translate=r.new_result.translate, opacity=0.7,
-                colormap=CHANGE_COLORS, metadata=owned_metadata("changes", r.new_result.source))
+                scale=scale, translate=translate, opacity=0.7,
+                colormap=CHANGE_COLORS, metadata=owned_metadata("changes", result.source))
         else:
             layer.data = changes
             layer.visible = True
@@ -506,11 +557,17 @@ class FinetuneWidget(QWidget):
             return
         self.state.set_model(r.old_model, r.old_card, r.old_checkpoint, saved=r.old_saved)
         source = r.new_result.source
+        other_plane = r.previous is not None and r.previous.plane != r.new_result.plane
+        if r.new_result.stack_shape and r.plane_before is not None:
+            mine = _plugin_stack_layer(self.viewer, source, r.new_result.stack_shape)
+            if mine is not None:  # this plane as it was; the other planes were never touched
+                mine.data[r.new_result.plane] = r.plane_before
+                mine.refresh()
         if r.previous is not None:
             if r.previous.model_tag == r.old_result.model_tag:  # made by the model now current again
                 r.previous.model_tag = self.state.model_tag()
             self.state.results.set(source, r.previous)
-            if image_by_key(self.viewer, source) is not None:
+            if image_by_key(self.viewer, source) is not None and not other_plane:
                 put_labels(self.viewer, r.previous)
         else:
             self.state.results.drop(source)
