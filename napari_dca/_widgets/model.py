@@ -12,6 +12,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBo
 from ._common import Connections, alive, available_devices, resolve_device, show_error, show_info
 from ._jobs import JobPanel
 from ._layout import scrolling
+from ._speed import ACCURATE_SUFFIX, picker_label, speed_details, speed_of, variant
 from ._state import add_recent_checkpoint, get_state, recent_checkpoints, remember, remembered
 
 NEW_MODEL = "__new__"
@@ -123,15 +124,16 @@ class ModelWidget(QWidget):
         self.checkpoint.blockSignals(True)
         self.checkpoint.clear()
         bundled = bundled_checkpoints()
-        for name in ("nuclei", "glands"):
-            if name in bundled:
-                self.checkpoint.addItem(f"{name} (bundled default)", name)
-        for name in bundled:
-            if name not in ("nuclei", "glands"):
-                self.checkpoint.addItem(f"{name} (bundled)", name)
+        # each bundled model next to its accurate variant, the two defaults first
+        first = [n for base in ("nuclei", "glands") for n in (base, base + ACCURATE_SUFFIX)]
+        for name in [n for n in first if n in bundled] + [n for n in bundled if n not in first]:
+            card = peek_card(bundled[name])
+            self.checkpoint.addItem(picker_label(name, card), name)
+            self._speed_tooltip(card, f"{name}: bundled with napari-dca ({variant(name)} variant)")
         for path in recent_checkpoints():
-            self.checkpoint.addItem(Path(path).name, path)
-            self.checkpoint.setItemData(self.checkpoint.count() - 1, path, 3)  # tooltip: full path
+            card = peek_card(path)
+            self.checkpoint.addItem(picker_label(Path(path).name, card, bundled=False), path)
+            self._speed_tooltip(card, path)  # tooltip: the full path (and how fast)
         self.checkpoint.addItem("New untrained model of the chosen backbone", NEW_MODEL)
         if select is not None:
             idx = self.checkpoint.findData(select)
@@ -139,6 +141,11 @@ class ModelWidget(QWidget):
                 self.checkpoint.setCurrentIndex(idx)
         self.checkpoint.blockSignals(False)
         self._on_checkpoint_choice()
+
+    def _speed_tooltip(self, card, first_line: str) -> None:
+        speed = speed_of(card)
+        tip = first_line + (f"\n{speed_details(speed)}" if speed else "")
+        self.checkpoint.setItemData(self.checkpoint.count() - 1, tip, Qt.ToolTipRole)
 
     def select_checkpoint(self, name_or_path: str) -> None:
         """Selects a bundled name or a file (added to the list if new)."""
@@ -241,6 +248,16 @@ class ModelWidget(QWidget):
                     self.task.setCurrentIndex(i)
 
 
+def peek_card(path):
+    """A checkpoint's model card from its file header (no weights read), None if unreadable:
+    the picker shows each model's measured speed before anything is loaded."""
+    from src_models import checkpoints
+    try:
+        return checkpoints._read_card(checkpoints.resolve_checkpoint(path))
+    except Exception:  # a moved or broken recent file: listed without details, refused on load
+        return None
+
+
 def _has_dca(model) -> bool:
     return getattr(model, "dca", None) is not None or any(
         type(m).__name__ == "DCA" for m in model.modules())
@@ -280,8 +297,15 @@ def card_html(state) -> str:
             rows.append(("Trained on", card.trained_on))
         if card.data_split:
             rows.append(("Split", ", ".join(f"{k}: {_short(v)}" for k, v in card.data_split.items())))
-        if card.metrics:
-            rows.append(("Metrics", "; ".join(f"{k} {_fmt(v)}" for k, v in card.metrics.items())))
+        speed = speed_of(card)
+        if speed is not None:
+            from src_models.checkpoints import bundled_checkpoints
+            name = str(state.checkpoint or "")
+            word = f"{variant(name)} variant: " if name in bundled_checkpoints() else ""
+            rows.append(("Speed", word + speed_details(speed)))
+        metrics = {k: v for k, v in (card.metrics or {}).items() if k != "speed_1000"}
+        if metrics:
+            rows.append(("Metrics", "; ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())))
         if card.parent:
             rows.append(("Fine-tuned from", card.parent))
         rows.append(("Corrections", corrections_summary(card.corrections)))
