@@ -21,6 +21,10 @@ so load from other jobs falls on all of them alike):
   (graph cached), and of importing torch / onnxruntime alone.
 - threads: `predict` of the 2048x2048 image with eager torch on all threads, the graph one batch
   at a time on all threads, and the graph running batches side by side on one thread each.
+- profile: where the whole `segment` goes on the exported-graph path (read, setup, tiles, graph,
+  predict, instances, write), per bundled model at --size and for nuclei at 1000x1000.
+- int8: ONNX Runtime's dynamic and static int8 quantization of the nuclei graph against float32
+  (speed of one batch, and how far the probabilities move).
 - train: eager forward and training step of U-Net with and without DCA, ours and the official
   code's (--official), for the README's statement about DCA's cost (not an inference runtime).
 The first `onnx` call of each model exports its graph into the cache (not timed; say
@@ -347,6 +351,136 @@ def thousand_section(args) -> list[str]:
     return lines
 
 
+def profile_section(args) -> list[str]:
+    """Where a whole `segment` goes on the exported-graph path, stage by stage, each stage timed
+    on its own in one process (the stages alternate within every round; medians):
+    read (image_io.read_image of the TIFF), setup (a new ModelRunner: model copy, BatchNorm
+    folding, the graph's key; the graph itself already open), tiles (reading, normalising and
+    stacking every batch of tiles, no model), graph (every batch through the graph, batches side
+    by side, inputs ready), predict (the whole `predict` with a ready runner: tiles + graph +
+    blending, overlapped), instances (InstanceMaker.labels with the card's settings), write
+    (write_labels + counting the objects). `predict - graph` is what the tiling and blending
+    add beyond the model."""
+    import torch
+    import tifffile
+    from src_models.image_io import read_image, write_labels
+    from src_models.inference import (ModelRunner, _prepare_tile, _read_rows, predict,
+                                      tile_starts)
+    from src_models.instances import InstanceMaker
+    cpu = torch.device("cpu")
+    lines = [f"{args.threads} threads, median of {args.repeats} alternating rounds (s)", "",
+             "| model | image | read | setup | tiles | graph | predict | instances | write | "
+             "sum (read + setup + predict + instances + write) | graph share of the sum |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    cases = [("nuclei", "MoNuSeg", args.size), ("glands", "GlaS", args.size), ("nuclei", "MoNuSeg", 1000)]
+    for name, dataset, size in cases:
+        image, source = he_image(size, dataset)
+        model, card = load_bundled(name)
+        tile = card.tile_size
+        runner = ModelRunner(model, cpu, runtime="onnx")
+        predict(model, image, card, runner=runner)   # opens (or exports) the graph
+        ys, xs = tile_starts(size, tile, 0.25), tile_starts(size, tile, 0.25)
+
+        def tiles():
+            out, batch = [], []
+            for y in ys:
+                row = _prepare_tile(_read_rows(image, predict_layout, 0, y, tile), 3,
+                                    card.normalization, None)
+                for x in xs:
+                    batch.append(row[:, :, x:x + tile])
+                    if len(batch) == 4:
+                        out.append(np.stack(batch))
+                        batch = []
+            if batch:
+                out.append(np.stack(batch))
+            return out
+        from src_models.inference import image_layout
+        predict_layout = image_layout(image.shape)
+        ready = tiles()
+        prob = predict(model, image, card, runner=runner)
+        labels = InstanceMaker(prob, card).labels()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "image.tif"
+            tifffile.imwrite(path, image)
+            from napari_dca._cli_segment import _count_ids
+            stages = {
+                "read": lambda: np.asarray(read_image(path)),
+                "setup": lambda: ModelRunner(model, cpu, runtime="onnx")._graph((3, tile, tile)),
+                "tiles": tiles,
+                "graph": lambda: list(runner.run_batches(enumerate(ready))),
+                "predict": lambda: predict(model, image, card, runner=runner),
+                "instances": lambda: InstanceMaker(prob, card).labels(),
+                "write": lambda: (write_labels(Path(tmp) / "labels.tif", labels),
+                                  _count_ids(labels)),
+            }
+            t = alternate(stages, args.repeats)
+        total = t["read"] + t["setup"] + t["predict"] + t["instances"] + t["write"]
+        lines.append(f"| {name} | {source} | " + " | ".join(f"{t[k]:.3f}" for k in stages)
+                     + f" | {total:.2f} | {100 * t['graph'] / total:.0f}% |")
+    return lines
+
+
+def int8_section(args) -> list[str]:
+    """ONNX Runtime int8 quantization of the bundled nuclei graph against its float32 graph:
+    dynamic (weights int8, activations quantized per call) and static (QDQ, activations
+    calibrated on 16 tiles of MoNuSeg training images 2-9; per-channel int8 weights). One batch of
+    4 tiles of the first MoNuSeg image, 1 thread each, alternating, medians; max |diff| of the
+    probabilities against float32. (Whether object scores hold is only worth asking if it is
+    faster.)"""
+    import glob
+    import imageio.v3 as iio
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from src_models.inference import ModelRunner
+    from src_models.preprocess import prepare
+    from src_models.runtime_onnx import open_session, probabilities
+    import torch
+    model, card = load_bundled("nuclei")
+    runner = ModelRunner(model, torch.device("cpu"), runtime="onnx", graph_workers=1)
+    tile = card.tile_size
+    runner(np.zeros((1, 3, tile, tile), np.float32))
+    graph = next(iter(runner.graphs.values()))
+    files = sorted(glob.glob(str(SHARED / "data" / "MoNuSeg" / "train" / "images" / "*.png")))
+    if len(files) < 10:
+        return ["skipped: needs the MoNuSeg training images (NAPARI_DCA_SHARED)"]
+
+    def tiles(path, n):
+        x = prepare(np.asarray(iio.imread(path))[..., :3].astype(np.float32) / 255, 3,
+                    card.normalization)
+        corners = [(0, 0), (300, 300), (600, 100), (700, 700)]
+        return [np.ascontiguousarray(x[:, y:y + tile, x0:x0 + tile]) for y, x0 in corners[:n]]
+    calibration = [t for f in files[1:9] for t in tiles(f, 2)]
+    batch = np.stack(tiles(files[0], 4)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"x": t[None]} for t in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        pre, dyn, static = (str(Path(tmp) / n) for n in ("pre.onnx", "dyn.onnx", "static.onnx"))
+        quant_pre_process(str(graph.path), pre)
+        quantize_dynamic(pre, dyn, weight_type=QuantType.QInt8)
+        quantize_static(pre, static, Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True)
+        sessions = {"float32": open_session(graph.path, 1), "dynamic int8": open_session(dyn, 1),
+                    "static int8 (QDQ)": open_session(static, 1)}
+    out = {k: probabilities(s.run(None, {"x": batch})[0]) for k, s in sessions.items()}
+    medians = alternate({k: (lambda s=s: s.run(None, {"x": batch})) for k, s in sessions.items()},
+                        args.repeats)
+    lines = [f"bundled `nuclei`, one batch of 4 tiles of {tile}, 1 thread, median of "
+             f"{args.repeats} alternating rounds", "",
+             "| graph | ms | speed-up over float32 | max abs prob diff vs float32 |",
+             "|---|---|---|---|"]
+    for k in sessions:
+        lines.append(f"| {k} | {ms(medians[k])} | {medians['float32'] / medians[k]:.2f}x | "
+                     f"{float(np.abs(out[k] - out['float32']).max()):.3f} |")
+    return lines
+
+
 def train_section(args) -> list[str]:
     """The DCA overhead claim, measured: one training step (forward, BCE loss, backward, Adam) of
     U-Net without and with DCA at the paper configuration, ours and the official code's."""
@@ -429,7 +563,8 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     sections = {"forward": forward_section, "segment": segment_section, "1000": thousand_section,
                 "train": train_section, "threads": threads_section,
-                "coldstart": coldstart_section}
+                "coldstart": coldstart_section, "int8": int8_section,
+                "profile": profile_section}
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(chosen) - set(sections)
     if unknown:

@@ -88,7 +88,7 @@ def check_options(args) -> None:
 
 def run(args) -> int:
     from src_models.image_io import IMAGE_SUFFIXES, list_images
-    from src_models.inference import card_value, select_device
+    from src_models.inference import card_value
     from src_models.segment_outputs import plan_outputs
     from src_models.slide.reader import SLIDE_SUFFIXES
 
@@ -116,18 +116,13 @@ def run(args) -> int:
     except OSError as err:
         raise ValueError(f"cannot create the output folder {out_dir}: {err.strerror or err}; "
                          f"choose a folder you can write to") from err
-    import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = select_device(args.device)
-    from src_models.runtime_onnx import default_runtime, resolve_runtime
-    args.runtime = resolve_runtime(args.runtime or default_runtime(), device.type)
-    model, card = load_model(args.checkpoint, str(device))
+    engine = _Engine(args, fast_start=not slides)
+    card = engine.card
     mode = args.mode or card_value(card, "task", "nuclei")
     failures = []
     for job in todo:
         try:
-            line = _segment_one(job, model, card, device, mode, args)
+            line = _segment_one(job, engine, mode, args)
         except KeyboardInterrupt:
             raise
         except Exception as err:  # noqa: BLE001 - one bad image must not stop a batch
@@ -138,7 +133,8 @@ def run(args) -> int:
         from tqdm import tqdm
         tqdm.write(line)
     if slides:
-        failures += segment_slides(slides, args, mode, model, card)
+        engine.load_torch()
+        failures += segment_slides(slides, args, mode, engine.model, engine.card)
         todo = todo + slides
     if failures:
         print(f"{len(failures)} of {len(todo)} images failed: "
@@ -148,11 +144,102 @@ def run(args) -> int:
     return 0
 
 
-def _segment_one(job, model, card, device, mode: str, args) -> str:
+class _Engine:
+    """What runs the model in one `segment` run. With a cached exported graph for the checkpoint
+    file (src_models.runtime_cached: recorded by an earlier run) and the CPU, ONNX Runtime and
+    numpy alone: torch is never imported. Otherwise, or as soon as an image needs a tile size
+    that has no cached graph, torch loads and checks the checkpoint and one ModelRunner serves
+    every image (its graphs are then recorded for the next run's fast start)."""
+
+    def __init__(self, args, fast_start: bool = True):
+        from src_models import runtime_onnx
+        self.args = args
+        self.model = self.runner = self.cached = None
+        self.torch_default_threads = None
+        self.remembered: set = set()
+        self.choice = args.runtime or runtime_onnx.default_runtime()
+        if fast_start and self._cpu_only() and self.choice in ("auto", "onnx") \
+                and runtime_onnx.runtime_available():
+            from src_models import runtime_cached
+            self.cached = runtime_cached.find(args.checkpoint)
+        if self.cached is not None:
+            self.card = self.cached.card
+        else:
+            self.load_torch()
+
+    def _cpu_only(self) -> bool:
+        """The device is the CPU without asking torch: --device cpu, or auto with a CPU-only
+        build of torch installed (its version ends in +cpu: no CUDA; no MPS off macOS)."""
+        if self.args.device == "cpu":
+            return True
+        if self.args.device != "auto":
+            return False
+        try:
+            from importlib.metadata import version
+            return version("torch").endswith("+cpu")
+        except Exception:  # noqa: BLE001 - unknown: let torch decide
+            return False
+
+    def load_torch(self) -> None:
+        if self.model is not None:
+            return
+        import torch
+        from src_models.inference import ModelRunner, select_device
+        from src_models.runtime_onnx import resolve_runtime
+        if self.args.threads:
+            torch.set_num_threads(self.args.threads)
+        else:
+            self.torch_default_threads = torch.get_num_threads()
+        self.device = select_device(self.args.device)
+        self.args.runtime = resolve_runtime(self.choice, self.device.type)
+        self.model, self.card = load_model(self.args.checkpoint, str(self.device))
+        self.cached = None
+        self.runner = ModelRunner(self.model, self.device, tta=self.args.tta,
+                                  max_batch=self.args.batch_size, runtime=self.args.runtime)
+
+    def runner_for(self, image) -> object:
+        """The runner for one image: the cached graph of its tile size, else the torch runner."""
+        if self.cached is not None:
+            from src_models.inference import image_layout, tile_for
+            tile = tile_for(image_layout(image.shape), self.card, self.args.tile)
+            channels = int((self.card.get("model_kwargs") or {}).get("in_channels", 3))
+            runner = self.cached.runner((channels, tile, tile),
+                                        threads=self.args.threads or self.cached.default_threads(),
+                                        tta=self.args.tta, max_batch=self.args.batch_size)
+            if runner is not None:
+                return runner
+            self.load_torch()
+        return self.runner
+
+    def remember(self) -> None:
+        """After an image: record the torch runner's graphs for the next run's fast start."""
+        if self.runner is None or not self.runner.uses_graph or not hasattr(self.card, "to_dict"):
+            return
+        shapes = set(self.runner.graphs)
+        if shapes - self.remembered:   # once per new graph, not per image
+            from src_models import runtime_cached
+            runtime_cached.remember(self.args.checkpoint, self.card.to_dict(), self.runner,
+                                    self.torch_default_threads)
+            self.remembered |= shapes
+
+
+def _count_ids(labels) -> int:
+    """Distinct non-zero ids: a bincount when the ids are small (much faster than np.unique on a
+    big image), np.unique otherwise."""
+    import numpy as np
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return 0
+    low, top = int(labels.min()), int(labels.max())
+    if low >= 0 and top < 4 * labels.size + 1024:
+        return int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
+    return int(np.count_nonzero(np.unique(labels)))
+
+
+def _segment_one(job, engine: _Engine, mode: str, args) -> str:
     """Segment one image and write its missing outputs; the summary line."""
     import warnings
 
-    import numpy as np
     from tqdm import tqdm
 
     from src_models.image_io import read_image, tiff_value_range, TIFF_SUFFIXES, write_labels, \
@@ -173,10 +260,13 @@ def _segment_one(job, model, card, device, mode: str, args) -> str:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prob = predict(model, image, card, tile_size=args.tile, overlap=args.overlap,
-                       batch_size=args.batch_size, device=device, tta=args.tta,
-                       progress=progress, value_range=value_range, runtime=args.runtime)
+        runner = engine.runner_for(image)
+        prob = predict(engine.model, image, engine.card, tile_size=args.tile, overlap=args.overlap,
+                       batch_size=args.batch_size, progress=progress, value_range=value_range,
+                       runner=runner)
     bar.close()
+    engine.remember()
+    card = engine.card
     for warning in caught:
         print(f"{path.name}: warning: {warning.message}", file=sys.stderr)
     maker = InstanceMaker(prob, card, stack=image_layout(image.shape).is_stack, mode=mode)
@@ -186,7 +276,7 @@ def _segment_one(job, model, card, device, mode: str, args) -> str:
     if "labels" in job.todo:
         write_labels(job.todo["labels"], labels)
     seconds = time.perf_counter() - start
-    n = int(np.count_nonzero(np.unique(labels)))
+    n = _count_ids(labels)
     if mode == "semantic":
         what = "class" if n == 1 else "classes"
     else:

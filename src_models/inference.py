@@ -15,6 +15,10 @@ the first or last tile). The sum of the profiles over a full grid of tiles facto
 each tile's 2D weight is divided by the per-axis sums before accumulation: the weights of every
 pixel sum to exactly one (a constant model gives a constant output) and no weight image is kept.
 Only a (K, tile, W) float32 band is held besides the output.
+
+torch is imported where it is used, not with this module: `predict` with a runner that runs a
+cached exported graph (runtime_onnx.GraphRunner) needs numpy only, so `napari-dca segment` can
+start without importing torch (several seconds).
 """
 from __future__ import annotations
 
@@ -24,20 +28,30 @@ import math
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
-import torch.nn as nn
 
 from . import runtime_onnx
 from .preprocess import DEFAULT_NORMALIZATION, prepare
+
+if TYPE_CHECKING:  # annotations only; imported where used (see the module docstring)
+    import torch
+    import torch.nn as nn
 
 DEFAULT_TILE_SIZE = 256
 DEFAULT_OVERLAP = 0.25
 ROW_BYTES = 64 * 1024 ** 2  # largest normalised row of tiles kept (float32), else tile by tile
 
 ProgressCallback = Callable[[int, int], Any]
+
+
+def __getattr__(name: str):
+    """`inference.torch` / `inference.nn` as before torch became a lazy import here."""
+    if name in ("torch", "nn"):
+        import torch
+        return torch if name == "torch" else torch.nn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 SUPPORTED_SHAPES = ("(H, W) grayscale, (H, W, 3) RGB, (H, W, 4) RGBA (alpha dropped), "
                     "(Z, H, W) grayscale stack, (Z, H, W, 3|4) colour stack")
@@ -63,6 +77,7 @@ def card_value(card: Any, key: str, default: Any = None) -> Any:
 def select_device(device: str | torch.device | None = "auto") -> torch.device:
     """"auto" (or None): CUDA if available, else Apple MPS, else CPU. An explicit device that is
     not available raises ValueError saying so."""
+    import torch
     if isinstance(device, torch.device):
         device = str(device)
     device = (device or "auto").lower()
@@ -84,6 +99,7 @@ def select_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def _mps_available() -> bool:
+    import torch
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
 
@@ -253,6 +269,7 @@ def axis_weights(length: int, tile: int, starts: Sequence[int], kind: str = "gau
 # ----------------------------------------------------------------------------------------------
 
 def is_out_of_memory(error: BaseException) -> bool:
+    import torch
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
     if oom is not None and isinstance(error, oom):
         return True
@@ -263,6 +280,8 @@ def fuse_conv_bn(model: nn.Module) -> nn.Module:
     """Eval-mode copy of `model` in which every Conv2d directly followed by a BatchNorm2d inside an
     nn.Sequential has the BatchNorm folded into its weights (the BatchNorm becomes Identity).
     Same outputs up to float rounding; one memory pass less per folded layer."""
+    import torch
+    import torch.nn as nn
     fused = copy.deepcopy(model).eval()
     for module in fused.modules():
         if not isinstance(module, nn.Sequential):
@@ -287,6 +306,7 @@ def fuse_conv_bn(model: nn.Module) -> nn.Module:
 
 
 def _autocast(device: torch.device, precision: str):
+    import torch
     if precision == "auto":
         precision = "float16" if device.type == "cuda" else "float32"
     if precision == "float32":
@@ -312,6 +332,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, device: torch.device, *, precision: str = "auto",
                  channels_last: bool | None = None, tta: bool = False, max_batch: int = 4,
                  fuse: bool = True, runtime: str = "torch", graph_workers: int | None = None):
+        import torch
         self.source_model = model
         self.device = device
         self.precision = precision
@@ -335,6 +356,16 @@ class ModelRunner:
         """True once a batch has run through an exported graph (not torch)."""
         return any(g is not None for g in self._graphs.values())
 
+    @property
+    def graphs(self) -> dict:
+        """{input shape (C, T, T): runtime_onnx.ExportedGraph} of the graphs this runner ran."""
+        return {shape: g for shape, g in self._graphs.items() if g is not None}
+
+    @property
+    def exported_graph(self) -> bool:
+        """True when this runner exported a graph into the cache (False: found it there)."""
+        return any(g is not None and g.exported for g in self._graphs.values())
+
     def _graph(self, shape: tuple[int, ...]) -> "runtime_onnx.ExportedGraph | None":
         with self._graph_lock:  # workers of run_batches may ask at once: export/open only once
             if shape not in self._graphs:
@@ -345,15 +376,10 @@ class ModelRunner:
             return self._graphs[shape]
 
     def _run_graph(self, graph: "runtime_onnx.ExportedGraph", batch: np.ndarray) -> np.ndarray:
-        prob = runtime_onnx.probabilities(graph(batch))
-        if self.tta:
-            for axes in ((-1,), (-2,), (-2, -1)):
-                flipped = np.ascontiguousarray(np.flip(batch, axes))
-                prob += np.flip(runtime_onnx.probabilities(graph(flipped)), axes)
-            prob /= 4.0
-        return prob
+        return runtime_onnx.graph_probabilities(graph, batch, self.tta)
 
     def _prepare_model(self) -> None:
+        import torch
         model = self.source_model.eval()
         if self.fuse:
             model = fuse_conv_bn(model)
@@ -363,6 +389,7 @@ class ModelRunner:
         self.model = model
 
     def to_cpu(self) -> None:
+        import torch
         warnings.warn(f"out of memory on {self.device} even for one tile; continuing on the CPU",
                       RuntimeWarning, stacklevel=3)
         self.model = None
@@ -372,10 +399,12 @@ class ModelRunner:
         self._prepare_model()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
         logits = self.model(x)
         return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        import torch
         if self.runtime == "onnx":
             graph = self._graph(tuple(batch.shape[1:]))
             if graph is not None:
@@ -400,26 +429,7 @@ class ModelRunner:
         as one at a time. Otherwise one batch at a time, the input read only when the previous
         output has been consumed (so a cancel check in `batches` is seen at once)."""
         workers = self.graph_workers if self.runtime == "onnx" else 1
-        if workers <= 1:
-            for tag, batch in batches:
-                yield tag, self(batch)
-            return
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-        pending: deque = deque()
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="napari-dca-graph") as pool:
-            try:
-                for tag, batch in batches:
-                    pending.append((tag, pool.submit(self, batch)))
-                    if len(pending) > workers:
-                        tag0, future = pending.popleft()
-                        yield tag0, future.result()
-                while pending:
-                    tag0, future = pending.popleft()
-                    yield tag0, future.result()
-            finally:
-                for _, future in pending:
-                    future.cancel()
+        return runtime_onnx.run_side_by_side(self, batches, workers)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         outputs = []
@@ -432,6 +442,7 @@ class ModelRunner:
                 if not is_out_of_memory(error):
                     raise
                 if self.device.type == "cuda":
+                    import torch
                     torch.cuda.empty_cache()
                 if self.max_batch > 1:
                     self.max_batch = max(1, len(chunk) // 2)
@@ -442,6 +453,37 @@ class ModelRunner:
                 continue
             i += len(chunk)
         return np.concatenate(outputs, axis=0)
+
+
+def weights_version(model: "nn.Module") -> tuple:
+    """Changes whenever a parameter or buffer of `model` is replaced or changed in place
+    (optimizer steps, load_state_dict, BatchNorm statistics): each tensor's storage and version
+    counter. Cheap (no data is read)."""
+    return tuple((name, t.data_ptr(), t._version) for name, t in model.state_dict().items())
+
+
+# The runner of the latest `predict` call without one: the Segment widget calls `predict` once per
+# click, and building a runner (copying the model, folding BatchNorm, hashing the weights for
+# the graph's key) each time cost a noticeable part of a 1000x1000 run. Reused only for the same
+# model object with unchanged weights and the same settings; one entry (one model copy) at most.
+_recent: dict[str, Any] = {}
+_recent_lock = threading.Lock()
+
+
+def _recent_runner(model: "nn.Module", device: "torch.device", **settings) -> "ModelRunner":
+    import torch
+    key = (id(model), weights_version(model), str(device), torch.get_num_threads(),
+           tuple(sorted(settings.items())))
+    with _recent_lock:
+        entry = _recent.get("runner")
+        if entry is not None and entry[0] == key and entry[1].source_model is model:
+            runner = entry[1]
+            runner.max_batch = max(1, int(settings["max_batch"]))
+            return runner
+    runner = ModelRunner(model, device, **settings)
+    with _recent_lock:
+        _recent["runner"] = (key, runner)
+    return runner
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,12 +566,7 @@ def predict(model: nn.Module, image: Any, card: Any = None, *,
     layout = image_layout(image.shape)
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    tile = int(tile_size or card_value(card, "tile_size", DEFAULT_TILE_SIZE))
-    if tile < 16:
-        raise ValueError(f"tile_size must be at least 16 pixels, got {tile}")
-    # A tile larger than the image would only be padding: never more than the image (rounded up
-    # to 16) needs, so a 4096 tile on a 300 px image does not cost 5 GB.
-    tile = min(tile, max(32, -(-max(layout.height, layout.width) // 16) * 16))
+    tile = tile_for(layout, card, tile_size)
     norm = normalization or card_value(card, "normalization", None) or DEFAULT_NORMALIZATION
     config = getattr(model, "config", None) or card_value(card, "model_kwargs", {}) or {}
     in_channels = int(config.get("in_channels", 3))
@@ -537,9 +574,9 @@ def predict(model: nn.Module, image: Any, card: Any = None, *,
         else intensity_range(image)
 
     if runner is None:
-        runner = ModelRunner(model, select_device(device), precision=precision,
-                             channels_last=channels_last, tta=tta, max_batch=batch_size, fuse=fuse,
-                             runtime=runtime)
+        runner = _recent_runner(model, select_device(device), precision=precision,
+                                channels_last=channels_last, tta=tta, max_batch=batch_size,
+                                fuse=fuse, runtime=runtime)
     run = dict(tile=tile, overlap=overlap, batch_size=batch_size, in_channels=in_channels,
                normalization=norm, scale=scale, progress=progress, cancel=cancel, blend=blend)
     if region is None:
@@ -563,6 +600,16 @@ def predict(model: nn.Module, image: Any, card: Any = None, *,
         return np.ascontiguousarray(full[crop])
     out[...] = full[crop]
     return out
+
+
+def tile_for(layout: ImageLayout, card: Any = None, tile_size: int | None = None) -> int:
+    """The tile edge `predict` uses for an image: tile_size, else card.tile_size, else 256, never
+    more than the image (rounded up to 16) needs, so a 4096 tile on a 300 px image does not cost
+    5 GB. ValueError below 16."""
+    tile = int(tile_size or card_value(card, "tile_size", DEFAULT_TILE_SIZE))
+    if tile < 16:
+        raise ValueError(f"tile_size must be at least 16 pixels, got {tile}")
+    return min(tile, max(32, -(-max(layout.height, layout.width) // 16) * 16))
 
 
 def _read_tile(image: Any, layout: ImageLayout, z: int, y: int, x: int, tile: int) -> np.ndarray:
@@ -695,6 +742,7 @@ def predict_full(model: nn.Module, image: np.ndarray, card: Any = None,
                         normalization=None) -> np.ndarray:
     """One whole-image forward pass without tiling (small images, tests, reference results).
     Same output convention as `predict`."""
+    import torch
     layout = image_layout(image.shape)
     if layout.is_stack:
         return np.stack([predict_full(model, plane, card, normalization) for plane in image])

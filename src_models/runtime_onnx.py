@@ -24,6 +24,15 @@ The cache folder is the user's cache (platformdirs: ~/.cache/napari-dca/onnx on 
 $NAPARI_DCA_CACHE/onnx; never a folder beside a bundled checkpoint. Files are written under a
 temporary name and renamed when complete, so a crashed export never leaves a half file behind.
 A fine-tuned model has new weights, hence a new key and a fresh export.
+
+Exporting once across processes: two `segment` commands, napari and a command, or dask workers
+that start together on an empty cache would otherwise all spend the 20-60 s export and all write
+the file. The atomic rename already keeps readers safe; on top of it, `graph_for` exports while
+holding an exclusive lock on `<cache>/.export.lock` and looks for the file again once it holds
+it, so whoever waited only opens and probes what the first one wrote. The lock is an advisory
+`flock`, released by the kernel when its holder dies (a killed process never leaves the others
+waiting), and also held across hosts on file systems that support it (NFS v4, Lustre); where
+`fcntl` is missing (Windows) the atomic write alone applies.
 """
 from __future__ import annotations
 
@@ -36,6 +45,8 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Iterator
+
 import numpy as np
 
 from .safe_write import write_atomic
@@ -52,6 +63,7 @@ INSTALL_HINT = "pip install onnxruntime onnx onnxscript"
 # How many batches of tiles the exported graph runs at once (each on threads // workers threads);
 # 1 = one batch at a time on all threads.
 GRAPH_WORKERS_DEFAULT = 2
+LOCK_NAME = ".export.lock"  # in the cache folder: held by whoever is exporting
 
 
 class RuntimeFallbackWarning(RuntimeWarning):
@@ -209,13 +221,39 @@ def open_session(path: Path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class ExportedGraph:
-    """(B, C, H, W) float32 numpy -> (B, K, H, W) logits, through an ONNX Runtime session."""
+@contextlib.contextmanager
+def export_lock(folder: Path) -> Iterator[None]:
+    """Holds an exclusive advisory lock on `folder`/.export.lock for the block (blocks until free;
+    see the module docstring)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:   # no flock: the atomic rename alone keeps the cache consistent
+        yield
+        return
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)   # closing the descriptor releases the lock
 
-    def __init__(self, session, path: Path, input_shape: tuple[int, int, int]):
+
+class ExportedGraph:
+    """(B, C, H, W) float32 numpy -> (B, K, H, W) logits, through an ONNX Runtime session.
+    `exported`: this call of graph_for wrote the cache file (False: it was there already)."""
+
+    def __init__(self, session, path: Path, input_shape: tuple[int, int, int],
+                 exported: bool = False):
         self.session = session
         self.path = path
         self.input_shape = tuple(input_shape)
+        self.exported = exported
+
+    def reused(self) -> "ExportedGraph":
+        """The same session, as found in the cache by a later call (exported False)."""
+        return ExportedGraph(self.session, self.path, self.input_shape, exported=False)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"x": np.ascontiguousarray(batch, dtype=np.float32)})[0]
@@ -243,21 +281,26 @@ def graph_for(model, input_shape: tuple[int, int, int], *, key: str | None = Non
     """The exported graph of `model` (eval, CPU, float32) for inputs (B, *input_shape): from the
     cache, else exported now and cached. `key` names the cache entry (default: key_for_model of
     `model` itself). Checked against torch on a probe batch either way (a cache file could be
-    damaged or stale). None, with one RuntimeFallbackWarning, when it cannot be used."""
+    damaged or stale). None, with one RuntimeFallbackWarning, when it cannot be used.
+    The export runs under export_lock, so processes sharing the cache export each graph once."""
     input_shape = tuple(int(s) for s in input_shape)
     try:
         key = key or key_for_model(model, input_shape, variant="as-given")
         path = (folder or cache_dir()) / f"{key}.onnx"
         checked = _checked_sessions.get((path, threads))
         if checked is not None and path.is_file():  # already probed in this process
-            return checked
+            return checked.reused()
+        exported = False
         if not path.is_file():
             if not exporter_available():
                 _notice(f"exported-graph runtime unavailable (exporter missing: {INSTALL_HINT}); "
                         "running PyTorch")
                 return None
-            export_graph(model, input_shape, path)
-        graph = ExportedGraph(open_session(path, threads), path, input_shape)
+            with export_lock(path.parent):
+                if not path.is_file():  # else another process exported it while this one waited
+                    export_graph(model, input_shape, path)
+                    exported = True
+        graph = ExportedGraph(open_session(path, threads), path, input_shape, exported=exported)
         diff = max_difference(model, graph, probe_batch(input_shape))
     except Exception as error:  # noqa: BLE001 - any failure means: stay in torch
         first = (str(error).strip().splitlines() or [""])[0][:200]
@@ -285,6 +328,48 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+def graph_probabilities(graph: ExportedGraph, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+    """Probabilities of one batch through `graph`; tta: averaged over the four flips (as
+    inference.ModelRunner does them in torch)."""
+    prob = probabilities(graph(batch))
+    if tta:
+        for axes in ((-1,), (-2,), (-2, -1)):
+            flipped = np.ascontiguousarray(np.flip(batch, axes))
+            prob += np.flip(probabilities(graph(flipped)), axes)
+        prob /= 4.0
+    return prob
+
+
+def run_side_by_side(call, batches, workers: int):
+    """(tag, batch) pairs in -> (tag, call(batch)) pairs out, in the same order.
+
+    workers > 1: that many calls run at once on a thread pool (an ONNX Runtime session is
+    thread-safe and releases the GIL) while the caller prepares the next inputs and uses the
+    finished outputs; the outputs are the same as one at a time. workers <= 1: one at a time, the
+    next input read only once the previous output has been consumed (so a cancel check inside
+    `batches` is seen at once)."""
+    if workers <= 1:
+        for tag, batch in batches:
+            yield tag, call(batch)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="napari-dca-graph") as pool:
+        try:
+            for tag, batch in batches:
+                pending.append((tag, pool.submit(call, batch)))
+                if len(pending) > workers:
+                    tag0, future = pending.popleft()
+                    yield tag0, future.result()
+            while pending:
+                tag0, future = pending.popleft()
+                yield tag0, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
 def thread_plan(threads: int, workers: int | None = None) -> tuple[int, int]:
     """(batches run at once, ONNX Runtime intra-op threads per batch) for `threads` CPU threads.
     workers None: GRAPH_WORKERS_DEFAULT; the threads are shared out among the workers."""
@@ -308,4 +393,5 @@ def default_threads() -> int | None:
 __all__ = ["RUNTIMES", "CACHE_ENV", "PROBE_TOLERANCE", "RuntimeFallbackWarning", "ExportedGraph",
            "check_runtime", "default_runtime", "resolve_runtime", "cache_dir", "graph_for", "probabilities",
            "runtime_available", "exporter_available", "weights_digest", "model_digest",
-           "key_for_model", "graph_key", "export_graph", "open_session", "default_threads"]
+           "key_for_model", "graph_key", "export_graph", "export_lock", "open_session",
+           "default_threads"]

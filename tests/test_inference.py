@@ -355,3 +355,25 @@ def test_big_tiffs_open_lazily_and_segment_like_numpy(tmp_path):
     assert not isinstance(lazy, np.ndarray) and lazy.shape == img.shape
     np.testing.assert_allclose(predict(Pointwise(), lazy, tile_size=48),
                                predict(Pointwise(), img, tile_size=48), atol=1e-6)
+
+
+def test_predict_reuses_its_runner_until_the_weights_or_settings_change(tiny_unet):
+    """The Segment widget calls predict once per click: the model copy / BatchNorm folding is
+    made once, and made again as soon as the weights change (fine-tuning steps in place)."""
+    import copy
+    model = copy.deepcopy(tiny_unet)   # its own weights: this test changes them
+    image = np.random.default_rng(5).integers(0, 256, (90, 80, 3), dtype=np.uint8)
+    card = {"tile_size": 64}
+    first = predict(model, image, card, device="cpu")
+    runner = inference._recent["runner"][1]
+    np.testing.assert_array_equal(predict(model, image, card, device="cpu"), first)
+    assert inference._recent["runner"][1] is runner
+    predict(model, image, card, device="cpu", tta=True)           # other settings: another runner
+    assert inference._recent["runner"][1] is not runner
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)                         # "fine-tuned" in place
+    changed = predict(model, image, card, device="cpu")
+    expected = predict(model, image, card, device="cpu",
+                       runner=ModelRunner(model, torch.device("cpu")))
+    np.testing.assert_array_equal(changed, expected)
+    assert not np.array_equal(changed, first)

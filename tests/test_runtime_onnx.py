@@ -56,7 +56,8 @@ def test_graph_matches_torch_through_predict_on_tiled_and_smaller_than_tile_imag
         assert np.abs(fast - slow).max() <= 1e-4
     tta = predict(tiny, rgb(70, 70), card, device="cpu", tta=True, runtime="onnx")
     assert tta.shape == (70, 70)
-    assert [p.suffix for p in cache.iterdir()] == [".onnx"]  # one graph, no temporary file left
+    left = [p.suffix for p in cache.iterdir() if p.is_file() and p.name != runtime_onnx.LOCK_NAME]
+    assert left == [".onnx"]  # one graph, no temporary file left
 
 
 @pytest.fixture
@@ -156,6 +157,110 @@ def test_segment_command_with_runtime_onnx_gives_the_labels_of_torch(tiny, tmp_p
         labels[runtime] = tifffile.imread(found)
     assert "warning" not in capsys.readouterr().err  # no fallback: the cached graph ran
     assert np.mean((labels["onnx"] > 0) == (labels["torch"] > 0)) > 0.999
+
+
+FAST_START_PROCESS = """
+import sys
+from napari_dca import cli
+code = cli.main(sys.argv[1:])
+print("torch imported:", "torch" in sys.modules)
+sys.exit(code)
+"""
+
+
+def test_segment_with_a_cached_graph_starts_without_torch_and_gives_the_same_labels(tiny, tmp_path,
+                                                                                    monkeypatch):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import imageio.v3 as iio
+    import tifffile
+
+    from napari_dca import cli
+    from src_models import runtime_cached
+    from src_models.checkpoints import card_for, save_checkpoint
+    card = card_for(tiny, task="nuclei", tile_size=TILE, instance_params={"min_size": 1})
+    checkpoint = save_checkpoint(tiny, tmp_path / "tiny.safetensors", card)
+    iio.imwrite(tmp_path / "a.png", rgb(150, 140))
+    monkeypatch.setattr(runtime_onnx, "export_graph", None)  # the graph of these weights is cached
+
+    def segment(out, fresh_process):
+        args = ["segment", str(tmp_path / "a.png"), "-o", str(tmp_path / out), "-c",
+                str(checkpoint), "--runtime", "onnx", "--threads", "2", "--quiet"]
+        if fresh_process:
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            done = subprocess.run([sys.executable, "-c", FAST_START_PROCESS, *args], env=env,
+                                  capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-2000:]
+            return done.stdout, tifffile.imread(tmp_path / out / "a.png.labels.tif")
+        assert cli.main(args) == 0
+        return "", tifffile.imread(tmp_path / out / "a.png.labels.tif")
+
+    assert runtime_cached.find(checkpoint) is None      # not recorded yet: the first run loads torch
+    _, by_torch_path = segment("first", fresh_process=False)
+    cached = runtime_cached.find(checkpoint)
+    assert cached is not None and cached.card["tile_size"] == TILE
+    assert cached.runner((3, TILE, TILE), threads=2) is not None
+    assert cached.runner((3, 2 * TILE, 2 * TILE), threads=2) is None   # no graph for that size
+    stdout, fast = segment("second", fresh_process=True)
+    assert "torch imported: False" in stdout
+    np.testing.assert_array_equal(fast, by_torch_path)
+    assert by_torch_path.max() > 0
+
+    # another checkpoint file (same weights, another card) is not found; a graph file that is not
+    # the one that was probed is not used
+    other = save_checkpoint(tiny, tmp_path / "other.safetensors",
+                            card_for(tiny, task="glands", tile_size=TILE))
+    assert runtime_cached.find(other) is None
+    index = runtime_cached._index_path(runtime_cached.checkpoint_digest(checkpoint))
+    entry = json.loads(index.read_text())
+    entry["graphs"][f"3x{TILE}x{TILE}"]["sha256"] = "0" * 64
+    index.write_text(json.dumps(entry))
+    runtime_cached._opened.clear()
+    assert runtime_cached.find(checkpoint).runner((3, TILE, TILE), threads=2) is None
+
+
+EXPORTER_PROCESS = """
+import json, sys, time
+from pathlib import Path
+import torch
+from src_models import build_model, runtime_onnx
+torch.manual_seed(0)
+model = build_model("unet", width=0.0625, patch_size=16).eval()
+ready = Path(sys.argv[1])
+(ready / sys.argv[2]).touch()
+while len(list(ready.iterdir())) < 2:  # both processes ask for the graph at the same moment
+    time.sleep(0.01)
+graph = runtime_onnx.graph_for(model, (3, 32, 32), threads=1)
+batch = runtime_onnx.probe_batch((3, 32, 32), batch=3, seed=5)
+print(json.dumps({"exported": graph.exported,
+                  "diff": runtime_onnx.max_difference(model, graph, batch)}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_asking_for_the_same_graph_at_once_export_it_once(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "ready").mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{runtime_onnx.CACHE_ENV: str(tmp_path / "c")})
+    procs = [subprocess.Popen([sys.executable, "-c", EXPORTER_PROCESS, str(tmp_path / "ready"),
+                               str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["exported"] for r in results) == [False, True]   # one export
+    assert all(r["diff"] <= 1e-4 for r in results)                   # both run a correct graph
+    files = [p.name for p in (tmp_path / "c" / "onnx").iterdir()]
+    assert len([f for f in files if f.endswith(".onnx")]) == 1
+    assert not [f for f in files if f.endswith(".partial")]
 
 
 def test_runtime_choice_auto_torch_onnx(monkeypatch):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from src_models.slide.pipeline import output_paths, segment_slide
-from src_models.slide.runtime import export_lock, slide_runner
+from src_models.slide.runtime import slide_runner
 from src_models.slide.zarr_labels import open_labels
 from src_models.testing.make_slide import make_slide
 
@@ -15,6 +15,7 @@ import test_slide_pipeline as pipe
 
 pytest.importorskip("onnxruntime")
 from src_models import runtime_onnx  # noqa: E402
+from src_models.runtime_onnx import export_lock  # noqa: E402
 
 if not runtime_onnx.exporter_available():
     pytest.skip("the ONNX exporter (onnx, onnxscript) is not installed", allow_module_level=True)
@@ -48,7 +49,7 @@ def test_export_lock_is_exclusive_between_processes(tmp_path):
     import subprocess
     import time
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from src_models.slide.runtime import export_lock\n"
+        "import sys, time; from pathlib import Path; from src_models.runtime_onnx import export_lock\n"
         f"with export_lock(Path({str(tmp_path)!r})):\n"
         f"    Path({str(tmp_path / 'held')!r}).touch(); time.sleep(1.5)\n"
         f"    Path({str(tmp_path / 'leaving')!r}).touch()\n")])
