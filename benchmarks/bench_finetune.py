@@ -120,7 +120,8 @@ def main() -> int:
         for r in rows:
             lines.append("| " + " | ".join([
                 r["image"], r["objects"], f"{r['before']:.3f}", f"{r['after']:.3f}",
-                f"{r['after'] - r['before']:+.3f}", f"{r['trained']:.3f}", "yes" if r["kept"] else "no",
+                f"{r['after'] - r['before']:+.3f}", f"{r['trained']:.3f}",
+                "no" if not r["kept"] else "yes" if r.get("weights_kept", True) else "settings only",
                 r["matched"], f"{r['seconds']:.1f}", f"{r['cpu']:.1f}", f"{r['check_seconds']:.1f}",
                 r["reason"]]) + " |")
         if rows:
@@ -149,8 +150,10 @@ def main() -> int:
         seconds, cpu = time.perf_counter() - t, time.process_time() - c
         new_card = res.card(card)
         after = segment(res.model, new_card, image)
-        trained = after if res.kept else segment(
-            res.trained, replace(card, instance_params=res.instance_params or card.instance_params), image)
+        # the new weights with their re-chosen settings, whatever the decision
+        tuned = (res.corrections.get("instance_params") if not res.weights_kept else res.instance_params)
+        trained = after if res.weights_kept else segment(
+            res.trained, replace(card, instance_params=tuned or card.instance_params), image)
         b, a = res.check_before, res.check_after
         rows.append({
             "image": sample.name,
@@ -158,7 +161,8 @@ def main() -> int:
             "before": object_score(task, gt[:, right], before[:, right]),
             "after": object_score(task, gt[:, right], after[:, right]),
             "trained": object_score(task, gt[:, right], trained[:, right]),
-            "kept": res.kept, "reason": res.reason, "summary": res.summary,
+            "kept": res.kept, "weights_kept": res.weights_kept, "reason": res.reason,
+            "summary": res.summary,
             "matched": f"{b.matched} -> {a.matched} of {b.objects}" if b and a else "",
             "seconds": seconds, "cpu": cpu, "steps": res.steps_done,
             "check_seconds": float(res.corrections.get("check_seconds") or 0.0),

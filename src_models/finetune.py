@@ -24,9 +24,10 @@ import torch.nn as nn
 
 from .augment import flip_rot90
 from .finetune_check import (DICE_MARGIN, REPLAY_TOLERANCE, RegionScore, choose_postprocessing,
-                             crop_probabilities, informative_objects, judge_round,
-                             region_probabilities, replay_crops,
-                             score_region, score_replay, split_check)
+                             crop_probabilities, informative_objects, judge_round, region_box,
+                             region_probabilities, replay_crops, score_region, score_replay,
+                             score_text, split_check)
+from .inference import predict
 from .losses import dice_ce_loss, labels_to_target, touching_gap_weights
 from .targets import HEADS, card_target, head_channels, head_of
 from .preprocess import DEFAULT_NORMALIZATION, as_float01, normalize, to_channels
@@ -78,7 +79,10 @@ class FinetuneResult:
     18 of 20 after"). `check_before` / `check_after` score the old and new model on the held-back
     part of the corrections, `replay_before` / `replay_after` on crops of the model's training data
     (None without replay data). `instance_params` are the post-processing settings to use with
-    `model` (re-chosen on the trained-on corrections when kept). `corrections` is the round's
+    `model` (re-chosen on the trained-on corrections when kept). When the new weights fail the
+    check but the previous weights with settings re-chosen on the trained-on corrections pass the
+    same check, the round is `kept` with `weights_kept` False: `model` is the previous model,
+    `instance_params` its new settings, `check_after` their scores. `corrections` is the round's
     record for the checkpoint card (`card()` adds it)."""
     model: nn.Module
     loss_history: list[float]
@@ -98,6 +102,7 @@ class FinetuneResult:
     replay_after: RegionScore | None = None
     check_source: str = "held back"   # "held back" | "trained on" (too few objects to hold back)
     instance_params: dict[str, Any] | None = None
+    weights_kept: bool = True       # the new weights are in use (False: rolled back, or only settings kept)
 
     def card(self, parent_card, parent: str | None = None):
         """A copy of the parent's ModelCard for `model`: `parent` names the checkpoint that was
@@ -276,7 +281,8 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
              max_seconds: float | None = None, gap_weight: float | None = None,
              warmup_steps: int = 0, check_fraction: float = 0.25,
              replay_tolerance: float = REPLAY_TOLERANCE, dice_margin: float = DICE_MARGIN,
-             rechoose_postprocessing: bool = True, device: str = "cpu") -> FinetuneResult:
+             rechoose_postprocessing: bool = True, settings_alone: bool = False,
+             device: str = "cpu") -> FinetuneResult:
     """One safe round: train a copy of `model` on corrected labels of one image, check it on the part
     of the corrections it did not train on (and on the model's training data), keep it only if it
     is at least as good there.
@@ -306,7 +312,13 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     moves no farther from the number corrected; on the replay crops the pixel Dice drops by at most
     `replay_tolerance`. A round whose held-back part holds fewer than two corrected objects (or
     when too few objects were corrected to hold any back: the scores are then of the trained-on
-    corrections, and say so) is rolled back: such a check cannot see what the round did.
+    corrections, and say so) is rolled back: such a check cannot see what the round did; so is a
+    round on whose held-back objects neither model finds a single one. When the new weights are
+    rolled back and `settings_alone` is on, the previous weights with settings re-chosen on the
+    trained-on corrections face the same check; if they pass, only the settings are kept
+    (`FinetuneResult.weights_kept` False). Off by default: measured on nuclei only so far
+    (benchmarks/results/finetune_nuclei_settings_alone.md); it costs one more prediction of the
+    reviewed region.
     Raises ValueError, before any training, if the reviewed region holds no labelled pixel."""
     if train not in ("all", "decoder"):
         raise ValueError(f"train must be 'all' or 'decoder', got {train!r}")
@@ -411,7 +423,8 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
         _decide(result, model, False, f"{why}, nothing was checked")
     else:
         _check_round(result, model, new, image, labels, train_valid, check, card, replay,
-                     tile, replay_tolerance, rechoose_postprocessing, device, dice_margin)
+                     tile, replay_tolerance, rechoose_postprocessing, device, dice_margin,
+                     settings_alone)
     corrections["check_seconds"] = round(time.perf_counter() - t0 - train_seconds, 2)
     result.seconds = time.perf_counter() - t0
     return result
@@ -419,7 +432,8 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
 
 def _decide(result: FinetuneResult, old: nn.Module, kept: bool, reason: str) -> None:
     result.kept, result.reason = kept, reason
-    result.model = result.trained if kept else old
+    result.weights_kept = kept and result.weights_kept
+    result.model = result.trained if result.weights_kept else old
     result.corrections.update({"kept": kept, "reason": reason})
     result.summary = _summary(result)
 
@@ -433,33 +447,48 @@ def _summary(r: FinetuneResult) -> str:
         which = "your held-back corrections" if r.check_source == "held back" else "your corrections"
         text = (f"Objects matching {which}: {r.check_before.matched} of {r.check_before.objects} "
                 f"before, {r.check_after.matched} of {r.check_after.objects} after. ")
+    if r.kept and not r.weights_kept:
+        return text + r.reason[0].upper() + r.reason[1:] + "."
     return text + ("Kept the fine-tuned model: " if r.kept else "Kept the previous model: ") + r.reason + "."
 
 
 def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, labels, train_valid,
                  check, card, replay, tile: int, tolerance: float, rechoose: bool, device,
-                 dice_margin: float = DICE_MARGIN) -> None:
+                 dice_margin: float = DICE_MARGIN,
+                 settings_alone: bool = False) -> None:
     """Scores old and new weights, re-chooses the post-processing, and decides (`judge_round`).
     The new weights are predicted over the reviewed region (the re-choice needs the trained-on
-    part), the old ones only over the checked part; both are labelled over the same box around it."""
+    part), the old ones only over the checked part (over the reviewed region too with
+    `settings_alone`, whose re-choice needs it); both are labelled over the same box around it."""
     from .instances import InstanceParams
     old_params = InstanceParams.from_card(card)
     count_min = max(1, int(old_params.min_size))    # smaller corrected fragments are not counted
     held = bool(check.any())
     part = check if held else train_valid
     result.check_source = "held back" if held else "trained on"
+    rechoose = rechoose and old_params.mode != "semantic"
+    settings_alone = settings_alone and rechoose
     new_prob, new_box = region_probabilities(new, image, card, train_valid | check, device)
-    old_prob, part_box = region_probabilities(old, image, card, part, device)
-    new_params = old_params
-    if rechoose and old_params.mode != "semantic":
+    # settings_alone re-chooses the old weights' settings too (the fallback when the new weights
+    # are rolled back), which needs their probabilities over the trained-on part as well.
+    old_prob, old_box = region_probabilities(old, image, card,
+                                             (train_valid | check) if settings_alone else part, device)
+    part_box = region_box(part)
+    new_params = old_tuned = old_params
+    if rechoose:
         new_params, _ = choose_postprocessing(new_prob, new_box, labels, train_valid, card, old_params,
                                               count_min)
+    if settings_alone:
+        old_tuned, _ = choose_postprocessing(old_prob, old_box, labels, train_valid, card, old_params,
+                                             count_min)
     result.instance_params = {k: v for k, v in asdict(new_params).items() if v is not None}
-    result.check_before = score_region(old_prob, part_box, labels, part, card, old_params, count_min)
+    old_part = crop_probabilities(old_prob, old_box, part_box)
+    result.check_before = score_region(old_part, part_box, labels, part, card, old_params, count_min)
     result.check_after = score_region(crop_probabilities(new_prob, new_box, part_box), part_box,
                                       labels, part, card, new_params, count_min)
     crops = replay_crops(replay, tile) if replay else []
-    result.replay_before = score_replay(old, crops, card, old_params, count_min, device)
+    old_replay = [predict(old, im, card, device=device) for im, _ in crops]
+    result.replay_before = score_replay(old, crops, card, old_params, count_min, device, old_replay)
     result.replay_after = score_replay(new, crops, card, new_params, count_min, device)
     result.corrections.update({
         "check": {"source": result.check_source, "before": result.check_before.to_dict(),
@@ -472,4 +501,34 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
         "instance_params": result.instance_params})
     kept, reason = judge_round(result.check_before, result.check_after, result.replay_before,
                                result.replay_after, held, dice_margin, tolerance)
+    if not kept and old_tuned != old_params:
+        # The new weights lost; the old ones with settings re-chosen on the trained-on corrections
+        # face the same check (held-back part, replay crops) against the old ones as they were.
+        tuned_check = score_region(old_part, part_box, labels, part, card, old_tuned, count_min)
+        tuned_replay = score_replay(old, crops, card, old_tuned, count_min, device, old_replay)
+        ok, why = judge_round(result.check_before, tuned_check, result.replay_before, tuned_replay,
+                              held, dice_margin, tolerance)
+        result.corrections["settings_check"] = {
+            "instance_params": {k: v for k, v in asdict(old_tuned).items() if v is not None},
+            "after": tuned_check.to_dict(), "kept": ok, "reason": why,
+            "replay_after": None if tuned_replay is None else tuned_replay.to_dict()}
+        if ok:
+            _keep_settings(result, old, old_tuned, old_params, tuned_check, reason)
+            return
     _decide(result, old, kept, reason)
+
+
+def _keep_settings(result: FinetuneResult, old: nn.Module, tuned, start, check: RegionScore,
+                   weights_reason: str) -> None:
+    """The round's outcome when only the re-chosen post-processing passed the check: the previous
+    weights stay, with `tuned` settings (the card records them with the round)."""
+    moved = ", ".join(f"{k} {getattr(start, k)} -> {getattr(tuned, k)}" for k in asdict(start)
+                      if getattr(start, k) != getattr(tuned, k))
+    result.instance_params = {k: v for k, v in asdict(tuned).items() if v is not None}
+    result.check_after = check
+    reason = (f"kept the previous weights with post-processing re-chosen on your corrections ({moved}): "
+              f"at least as good on your held-back corrections ({score_text(result.check_before, check)}); "
+              f"the fine-tuned weights were {weights_reason}")
+    result.weights_kept = False
+    result.corrections["weights_kept"] = False
+    _decide(result, old, True, reason)

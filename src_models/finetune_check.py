@@ -254,13 +254,15 @@ def replay_crops(samples: Sequence, size: int, count: int = 2, seed: int = 0) ->
 
 
 def score_replay(model, crops: Sequence[tuple], card, params: InstanceParams, min_size: int,
-                 device="cpu") -> RegionScore | None:
-    """The model on the replay crops: matched/objects summed, scores averaged. None without crops."""
+                 device="cpu", probs: Sequence[np.ndarray] | None = None) -> RegionScore | None:
+    """The model on the replay crops: matched/objects summed, scores averaged. None without crops.
+    `probs`: the model's probabilities of the crops, when already computed (then `model` is unused)."""
     if not crops:
         return None
+    if probs is None:
+        probs = [predict(model, image, card, device=device) for image, _ in crops]
     scores = []
-    for image, mask in crops:
-        prob = predict(model, image, card, device=device)
+    for prob, (_, mask) in zip(probs, crops):
         scores.append(compare_labels(mask, labels_in(prob, card, params), params.mode, min_size))
     return RegionScore(matched=sum(s.matched for s in scores), objects=sum(s.objects for s in scores),
                        score=float(np.mean([s.score for s in scores])), metric=scores[0].metric,
