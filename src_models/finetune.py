@@ -316,9 +316,9 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     round on whose held-back objects neither model finds a single one. When the new weights are
     rolled back and `settings_alone` is on, the previous weights with settings re-chosen on the
     trained-on corrections face the same check; if they pass, only the settings are kept
-    (`FinetuneResult.weights_kept` False). Off by default: measured on nuclei only so far
-    (benchmarks/results/finetune_nuclei_settings_alone.md); it costs one more prediction of the
-    reviewed region.
+    (`FinetuneResult.weights_kept` False). Off by default until the fine-tuning benchmark has
+    measured it (re-chosen settings alone raised one MoNuSeg image's unseen-half AJI 0.493 ->
+    0.524, `benchmarks/bench_finetune_rechoice.py`); it costs one more prediction of the region.
     Raises ValueError, before any training, if the reviewed region holds no labelled pixel."""
     if train not in ("all", "decoder"):
         raise ValueError(f"train must be 'all' or 'decoder', got {train!r}")
