@@ -198,6 +198,10 @@ def test_segment_with_a_cached_graph_starts_without_torch_and_gives_the_same_lab
         assert cli.main(args) == 0
         return "", tifffile.imread(tmp_path / out / "a.png.labels.tif")
 
+    # An earlier test of this session may have recorded a byte-identical file (same tiny weights,
+    # same card) in the shared cache: start from no record, as a first run on a new file does.
+    runtime_cached._index_path(runtime_cached.checkpoint_digest(checkpoint)).unlink(missing_ok=True)
+    runtime_cached._opened.clear()
     assert runtime_cached.find(checkpoint) is None      # not recorded yet: the first run loads torch
     _, by_torch_path = segment("first", fresh_process=False)
     cached = runtime_cached.find(checkpoint)

@@ -155,16 +155,15 @@ def test_bad_input_shows_a_message_never_a_traceback(make_napari_viewer, tiny_ch
     messages.clear()
     seg.run()
     assert "Model widget" in errors(messages)[0]
-    # a 3D RGB stack: fine-tune and attention take 2D images (Segment does the plane on screen,
-    # tests/gui/test_stacks_and_slides.py)
+    # a 3D RGB stack without corrections: fine-tune works on the plane on screen
+    # (tests/gui/test_stack_planes.py) and says what it needs first, in one line
     load_model_into(get_state(viewer), tiny_checkpoint)
     viewer.add_image(np.zeros((3, 64, 64, 3), np.uint8), name="stack", rgb=True)
-    for widget in (ft, att):
-        messages.clear()
-        widget.image.select("stack")
-        widget.run()
-        assert errors(messages) and "2D" in errors(messages)[0]
-        assert "Traceback" not in errors(messages)[0]
+    messages.clear()
+    ft.image.select("stack")
+    ft.run()
+    assert errors(messages) and "corrected labels" in errors(messages)[0].lower()
+    assert "Traceback" not in errors(messages)[0]
     # a checkpoint for another number of channels (4) on an RGB image: fails in the worker
     load_model_into(get_state(viewer), four_channel_checkpoint)
     seg.image.select("he")
