@@ -42,6 +42,7 @@ from src_models.data import load_samples  # noqa: E402
 from src_models.finetune import finetune  # noqa: E402
 from src_models.inference import predict  # noqa: E402
 from src_models.instances import InstanceMaker  # noqa: E402
+from src_models.safe_write import write_text_atomic  # noqa: E402
 
 DATA = Path("/work/shared/data")
 TASK = {"MoNuSeg": "nuclei", "GlaS": "glands"}
@@ -133,12 +134,9 @@ def main() -> int:
                       f"median round {np.median([r['seconds'] for r in rows]):.1f} s wall, "
                       f"{np.median([r['cpu'] for r in rows]):.1f} s CPU; mean change had every "
                       f"round been kept: {np.mean([r['trained'] - r['before'] for r in rows]):+.4f}."]
-        tmp = out.with_suffix(".md.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(out.with_suffix(".md"))
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"command": command, "model": model_id, "rows": rows}, indent=1))
-        tmp.replace(out.with_suffix(".json"))
+        write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
+        write_text_atomic(out.with_suffix(".json"),
+                          json.dumps({"command": command, "model": model_id, "rows": rows}, indent=1))
 
     for sample in load_samples(root, val):
         image, gt = sample.image, sample.mask

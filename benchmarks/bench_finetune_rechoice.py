@@ -27,21 +27,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from src_models import metrics as M  # noqa: E402
+from bench_finetune import DATA, METRIC, TASK, object_score  # noqa: E402  (same dataset, same scores)
 from src_models.checkpoints import load_checkpoint  # noqa: E402
 from src_models.data import load_samples  # noqa: E402
 from src_models.finetune_check import choose_postprocessing, labels_in  # noqa: E402
 from src_models.inference import predict  # noqa: E402
 from src_models.instances import InstanceParams  # noqa: E402
-
-DATA = Path("/work/shared/data")
-TASK = {"MoNuSeg": "nuclei", "GlaS": "glands"}
-METRIC = {"nuclei": "AJI", "glands": "object F1"}
-
-
-def object_score(task: str, gt: np.ndarray, pred: np.ndarray) -> float:
-    return M.aji(gt, pred) if task == "nuclei" else M.object_f1(gt, pred).f1
+from src_models.safe_write import write_text_atomic  # noqa: E402
 
 
 def changed(start: InstanceParams, chosen: InstanceParams) -> str:
@@ -88,12 +82,8 @@ def main() -> int:
             lines += ["", f"Images: {len(rows)}; mean change of the right-half {metric}: "
                       f"{np.mean(gains):+.4f}; worst {min(gains):+.4f}; better on {sum(g > 0 for g in gains)}, "
                       f"worse on {sum(g < 0 for g in gains)}."]
-        tmp = out.with_suffix(".md.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(out.with_suffix(".md"))
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-        tmp.replace(out.with_suffix(".json"))
+        write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
+        write_text_atomic(out.with_suffix(".json"), json.dumps({"command": command, "rows": rows}, indent=1))
 
     for sample in load_samples(DATA / args.dataset / "train", val):
         image, gt = sample.image, sample.mask

@@ -53,20 +53,10 @@ SHARED = Path(os.environ.get("NAPARI_DCA_SHARED", REPO.parent / "shared"))  # th
 # Inputs
 # ----------------------------------------------------------------------------------------------
 
-def he_image(size: int, dataset: str) -> tuple[np.ndarray, str]:
-    """A size x size uint8 RGB H&E image: a training image of `dataset` (MoNuSeg for nuclei, GlaS
-    for glands) from ../shared/data, mirrored out to the size; synthetic H&E-like without it."""
-    import imageio.v3 as iio
-    folder = SHARED / "data" / dataset / "train" / "images"
-    files = sorted(folder.glob("*.png")) if folder.is_dir() else []
-    if not files:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from bench_inference import he_like
-        return he_like(size, size), "synthetic H&E-like"
-    image = np.asarray(iio.imread(files[0]))[..., :3]
-    h, w = image.shape[:2]
-    image = np.pad(image, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)), mode="symmetric")
-    return np.ascontiguousarray(image[:size, :size]), f"{dataset} {files[0].name}, mirrored to {size}"
+# One loader for the benchmarks' H&E input: the first training image of the dataset, cropped or
+# mirrored to the size (time_1000.py, which also records what it did).
+sys.path.insert(0, str(REPO / "benchmarks"))
+from time_1000 import he_image  # noqa: E402
 
 
 def load_bundled(name: str):
