@@ -111,11 +111,23 @@ def new_labels_layer(viewer, data, contours: bool = False, **kwargs):
 
 def add_layer_keeping_selection(viewer, kind: str, data, **kwargs):
     """viewer.add_<kind>(...) without making the new layer the active one (the user's brush stays
-    on the layer they were painting)."""
-    active = viewer.layers.selection.active
-    layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
-    if active is not None and active in viewer.layers:
-        viewer.layers.selection.active = active
+    on the layer they were painting).
+
+    The layer is inserted unselected where napari allows it (its list's `_activate_on_insert`):
+    selecting it and then the old layer again rebuilds the layer controls twice (~0.1-0.3 s of the
+    GUI thread each)."""
+    layers = viewer.layers
+    active = layers.selection.active
+    activate = getattr(layers, "_activate_on_insert", None)
+    if isinstance(activate, bool):
+        layers._activate_on_insert = False
+    try:
+        layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
+    finally:
+        if isinstance(activate, bool):
+            layers._activate_on_insert = activate
+    if active is not None and active in layers and layers.selection.active is not active:
+        layers.selection.active = active
     return layer
 
 
@@ -390,9 +402,9 @@ _WARMED = []
 
 
 def warm_up() -> None:
-    """Imports what napari's first Labels layer needs (pandas, for layer features) in a background
-    thread, once per process: imported on the GUI thread it froze the viewer for ~1 s at the
-    first result."""
+    """Prepares what napari's first Labels layer needs in a background thread, once per process:
+    pandas (for layer features; imported on the GUI thread it froze the viewer for ~1 s at the
+    first result) and vispy's line dash patterns."""
     if _WARMED:
         return
     _WARMED.append(True)
@@ -401,6 +413,14 @@ def warm_up() -> None:
     def work():
         try:
             import pandas  # noqa: F401
+        except Exception:
+            pass
+        try:
+            # vispy computes its 13 line dash patterns (pure numpy, lru-cached for the process)
+            # when the first Labels layer's outline overlays are made: ~0.45 s of the GUI thread
+            # at the first result, unless they are already in the cache
+            from vispy.visuals.line.dash_atlas import DashAtlas
+            DashAtlas()
         except Exception:
             pass
     threading.Thread(target=work, name="napari-dca warm-up", daemon=True).start()

@@ -30,6 +30,9 @@ def test_a_whole_correction_session_keeps_every_painted_pixel(
     for name, w in (("Model", mw), ("Segment", seg), ("Fine-tune", ft)):
         viewer.window.add_dock_widget(w, name=name, tabify=name != "Model")
     painted = []  # (layer, mask, label) of every stroke the user made
+    # layers added / removed during the session: each costs napari ~0.3-1 s of the GUI thread
+    # (a removal runs a full garbage collection), so the report counts them
+    added, removed = [], []
 
     def stroke(points, label):
         layer = viewer.layers.selection.active
@@ -45,6 +48,8 @@ def test_a_whole_correction_session_keeps_every_painted_pixel(
             assert np.all(layer.data[mask] == label), f"{step}: painted pixels were overwritten"
         assert not errors(messages), (step, messages)
 
+    viewer.layers.events.inserted.connect(lambda e: added.append(e.value.name))
+    viewer.layers.events.removed.connect(lambda e: removed.append(e.value.name))
     with LoopGaps(profile=True) as gaps:
         mw.select_checkpoint(str(trained_checkpoint))
         mw.load()
@@ -111,5 +116,6 @@ def test_a_whole_correction_session_keeps_every_painted_pixel(
     assert card.corrections and "not saved" not in mw.card.text().lower()
     report = gaps.report()
     print(f"\nGUI event-loop gaps over the session: {report}")
+    print(f"layers added during the session: {len(added)} {added}; removed: {len(removed)} {removed}")
     print("longest stalls and what held the GUI thread:\n  " + "\n  ".join(gaps.worst()))
     assert report["max_ms"] < 10000, "the GUI froze for more than 10 s"

@@ -29,6 +29,8 @@ def _setup(make_napari_viewer, checkpoint, image, wait_for):
 def test_finetune_runs_in_a_worker_reports_progress_and_reverts(
         make_napari_viewer, tiny_checkpoint, small_image, wait_for, messages, qtbot, tmp_path,
         keep_every_round):
+    from napari_dca._widgets.finetune import compare
+
     viewer, seg, ft, output, user = _setup(make_napari_viewer, tiny_checkpoint, small_image, wait_for)
     state = seg.state
     old_model, old_labels = state.model, output.data.copy()
@@ -55,7 +57,17 @@ def test_finetune_runs_in_a_worker_reports_progress_and_reverts(
     ft.revert()
     assert state.model is old_model
     assert np.array_equal(output.data, old_labels)
-    assert not any(layer.name.startswith("he changes") for layer in viewer.layers)
+    changes = [layer for layer in viewer.layers if layer.name.startswith("he changes")]
+    assert len(changes) == 1 and not changes[0].visible and not np.asarray(changes[0].data).any(), \
+        "Revert hides and empties the changes layer (removing it costs napari a garbage collection)"
+    # the next round shows its changes in that same layer again
+    ft.run()
+    wait_for(ft)
+    assert not errors(messages), messages
+    again = [layer for layer in viewer.layers if layer.name.startswith("he changes")]
+    assert again == changes and changes[0].visible
+    expected = compare(ft.round.old_result.labels, ft.round.new_result.labels)[0]
+    np.testing.assert_array_equal(np.asarray(changes[0].data), expected)
 
 
 def test_finetune_can_be_cancelled(make_napari_viewer, tiny_checkpoint, small_image, wait_for,

@@ -110,10 +110,12 @@ def test_fine_tune_and_attention_work_on_the_plane_on_screen(
     changes = next(l for l in viewer.layers if "changes" in l.name)
     assert changes.data.shape == (3, 96, 128) and not np.asarray(changes.data)[:2].any()
 
-    # Revert: the round's layers go, the user's corrected stack stays as painted
+    # Revert: the round's new labels layer goes, its changes layer is hidden and emptied, the
+    # user's corrected stack stays as painted
     qtbot.mouseClick(ft.revert_button, Qt.LeftButton)
     settle(qtbot, 50)
-    assert new not in viewer.layers and changes not in viewer.layers
+    assert new not in viewer.layers
+    assert not changes.visible and not np.asarray(changes.data).any()
     np.testing.assert_array_equal(np.asarray(layer.data), corrected)
 
     # attention: the user goes to plane 0, ticks the box and clicks on the tissue
