@@ -46,13 +46,6 @@ ROW_BYTES = 64 * 1024 ** 2  # largest normalised row of tiles kept (float32), el
 ProgressCallback = Callable[[int, int], Any]
 
 
-def __getattr__(name: str):
-    """`inference.torch` / `inference.nn` as before torch became a lazy import here."""
-    if name in ("torch", "nn"):
-        import torch
-        return torch if name == "torch" else torch.nn
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 SUPPORTED_SHAPES = ("(H, W) grayscale, (H, W, 3) RGB, (H, W, 4) RGBA (alpha dropped), "
                     "(Z, H, W) grayscale stack, (Z, H, W, 3|4) colour stack")
 

@@ -325,7 +325,7 @@ def test_out_of_memory_at_batch_one_moves_to_cpu(monkeypatch):
 
     monkeypatch.setattr(runner, "to_cpu", fake_to_cpu)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(inference.torch.Tensor, "to", lambda self, *a, **k: self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)
     prob = runner(np.zeros((2, 3, 16, 16), np.float32))
     assert moved and prob.shape == (2, 1, 16, 16)
 
