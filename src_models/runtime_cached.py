@@ -6,7 +6,7 @@ graph. runtime_onnx finds a graph by a key computed from the torch model (weight
 config, torch version), so it needs the model, hence torch. This module keeps a second index, by
 checkpoint file:
 
-    <cache>/checkpoints/<sha256 of the checkpoint file (+ its .json card)>.json
+    <cache>/checkpoints/<sha256 of the checkpoint file (+ its .json card)>.json  ($NAPARI_DCA_INDEX/)
         {"card": the card as load_checkpoint validated it,
          "graphs": {"3x256x256": {"file": "<key>.onnx", "sha256": "<of that file>"}, ...}}
 
@@ -32,6 +32,9 @@ import numpy as np
 from . import runtime_onnx
 
 INDEX_FORMAT = 1
+# Another folder for the entries than <cache>/checkpoints (the graphs stay in the cache): e.g. each
+# test its own entries over one shared set of exported graphs (tests/conftest.py).
+INDEX_ENV = "NAPARI_DCA_INDEX"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"   # as checkpoints.PRETRAINED_DIR
 
 
@@ -64,8 +67,14 @@ def checkpoint_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def index_dir() -> Path:
+    """Where the entries live: $NAPARI_DCA_INDEX, else <cache>/checkpoints (beside the graphs)."""
+    root = os.environ.get(INDEX_ENV)
+    return Path(root) if root else runtime_onnx.cache_dir() / "checkpoints"
+
+
 def _index_path(digest: str) -> Path:
-    return runtime_onnx.cache_dir() / "checkpoints" / f"{digest}.json"
+    return index_dir() / f"{digest}.json"
 
 
 def shape_name(shape) -> str:

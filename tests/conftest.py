@@ -33,3 +33,11 @@ def shared() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} is absent (set NAPARI_DCA_SHARED to point at it)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def own_checkpoint_index(tmp_path, monkeypatch):
+    """Each test its own record of which checkpoint files have cached graphs (runtime_cached's
+    index; inherited by CLI subprocesses), over the exported graphs the session shares: two tests
+    that save byte-identical tiny checkpoints would otherwise find each other's records."""
+    monkeypatch.setenv("NAPARI_DCA_INDEX", str(tmp_path / "checkpoint-index"))

@@ -198,9 +198,6 @@ def test_segment_with_a_cached_graph_starts_without_torch_and_gives_the_same_lab
         assert cli.main(args) == 0
         return "", tifffile.imread(tmp_path / out / "a.png.labels.tif")
 
-    # An earlier test of this session may have recorded a byte-identical file (same tiny weights,
-    # same card) in the shared cache: start from no record, as a first run on a new file does.
-    runtime_cached._index_path(runtime_cached.checkpoint_digest(checkpoint)).unlink(missing_ok=True)
     runtime_cached._opened.clear()
     assert runtime_cached.find(checkpoint) is None      # not recorded yet: the first run loads torch
     _, by_torch_path = segment("first", fresh_process=False)
@@ -291,6 +288,16 @@ def test_cache_folder_is_the_users_not_the_package(monkeypatch, tmp_path):
     monkeypatch.delenv(runtime_onnx.CACHE_ENV)
     folder = runtime_onnx.cache_dir()
     assert "site-packages" not in str(folder) and "napari-dca" in str(folder)
+
+
+def test_checkpoint_index_lives_beside_the_graphs_unless_moved(monkeypatch, tmp_path):
+    from src_models import runtime_cached
+    monkeypatch.setenv(runtime_onnx.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(runtime_cached.INDEX_ENV)
+    assert runtime_cached.index_dir() == tmp_path / "cache" / "onnx" / "checkpoints"
+    monkeypatch.setenv(runtime_cached.INDEX_ENV, str(tmp_path / "index"))
+    assert runtime_cached.index_dir() == tmp_path / "index"
+    assert runtime_onnx.cache_dir() == tmp_path / "cache" / "onnx"   # the graphs stay put
 
 
 def test_probabilities_match_torch():
