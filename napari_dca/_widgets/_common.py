@@ -96,39 +96,55 @@ def one_refresh(layer):
     return block() if callable(block) else contextlib.nullcontext()
 
 
-def new_labels_layer(viewer, data, contours: bool = False, **kwargs):
+def new_labels_layer(viewer, data, contours: bool = False, select: bool = True, **kwargs):
     """viewer.add_labels(data, **kwargs) drawn as outlines when `contours`, sliced and drawn once
-    (setting `contour` after adding would refresh it a second time)."""
+    (setting `contour` after adding would refresh it a second time). Without `select` the active
+    layer stays the active one (e.g. the user's corrected layer, which they go on painting)."""
     from napari.layers import Labels
 
     layer = Labels(data, **kwargs)
     if contours:
         with one_refresh(layer):
             layer.contour = 1
-    viewer.add_layer(layer)
+    if select:
+        viewer.add_layer(layer)
+        return layer
+    with _kept_selection(viewer):
+        viewer.add_layer(layer)
     return layer
+
+
+class _kept_selection:
+    """Context in which layers added to the viewer do not become the active one.
+
+    The layer is inserted unselected where napari allows it (its list's `_activate_on_insert`):
+    selecting it and then the old layer again rebuilds the layer controls twice (~0.1-0.3 s of the
+    GUI thread each). Elsewhere the old active layer is selected again afterwards."""
+
+    def __init__(self, viewer):
+        self.layers = viewer.layers
+
+    def __enter__(self):
+        self.active = self.layers.selection.active
+        self.activate = getattr(self.layers, "_activate_on_insert", None)
+        if isinstance(self.activate, bool):
+            self.layers._activate_on_insert = False
+        return self
+
+    def __exit__(self, *exc):
+        if isinstance(self.activate, bool):
+            self.layers._activate_on_insert = self.activate
+        active = self.active
+        if active is not None and active in self.layers and self.layers.selection.active is not active:
+            self.layers.selection.active = active
+        return False
 
 
 def add_layer_keeping_selection(viewer, kind: str, data, **kwargs):
     """viewer.add_<kind>(...) without making the new layer the active one (the user's brush stays
-    on the layer they were painting).
-
-    The layer is inserted unselected where napari allows it (its list's `_activate_on_insert`):
-    selecting it and then the old layer again rebuilds the layer controls twice (~0.1-0.3 s of the
-    GUI thread each)."""
-    layers = viewer.layers
-    active = layers.selection.active
-    activate = getattr(layers, "_activate_on_insert", None)
-    if isinstance(activate, bool):
-        layers._activate_on_insert = False
-    try:
-        layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
-    finally:
-        if isinstance(activate, bool):
-            layers._activate_on_insert = activate
-    if active is not None and active in layers and layers.selection.active is not active:
-        layers.selection.active = active
-    return layer
+    on the layer they were painting)."""
+    with _kept_selection(viewer):
+        return getattr(viewer, f"add_{kind}")(data, **kwargs)
 
 
 def check_image(layer) -> np.ndarray:

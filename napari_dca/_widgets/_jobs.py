@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable
 
 from napari.qt.threading import thread_worker
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import QHBoxLayout, QProgressBar, QPushButton, QWidget
 
 from ._common import UserError, alive, show_error, show_info, worker_threads
@@ -60,6 +60,11 @@ class JobPanel(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.progressed.connect(self._on_progress)
         self.staged.connect(self._on_stage)
+        self._stage = ""  # the step without a count shown now, with its seconds so far
+        self._stage_t0 = 0.0
+        self._stage_timer = QTimer(self)
+        self._stage_timer.setInterval(1000)
+        self._stage_timer.timeout.connect(self._tick_stage)
         self.worker = None
         self._cancel = threading.Event()
         self._last_emit = 0.0
@@ -73,22 +78,51 @@ class JobPanel(QWidget):
 
     def cancel(self) -> None:
         self._cancel.set()
-        self.bar.setFormat("cancelling…")
+        self._stage_timer.stop()
+        self._set_bar(text="cancelling…")
         self.cancel_button.setEnabled(False)  # pressing it again does nothing more
+
+    def _set_bar(self, value: int | None = None, maximum: int | None = None,
+                 text: str | None = None) -> None:
+        """Changes the bar with one later repaint. QProgressBar.setValue repaints at once, and in
+        napari's window (composited with OpenGL because of the canvas) every repaint composes
+        the whole window, ~10-60 ms of the GUI thread; with updates off, Qt paints once, in its
+        next pass, for all the changes."""
+        bar = self.bar
+        bar.setUpdatesEnabled(False)
+        try:
+            if maximum is not None:
+                bar.setMaximum(maximum)
+            if value is not None:
+                bar.setValue(value)
+            if text is not None:
+                bar.setFormat(text)
+        finally:
+            bar.setUpdatesEnabled(True)
+            bar.update()
 
     def _on_progress(self, done: int, total: int) -> None:
         if self._cancel.is_set():
             return
-        self.bar.setMaximum(max(total, 1))
-        self.bar.setValue(done)
+        self._stage_timer.stop()
         unit = getattr(self, "_job_unit", self.unit)
-        self.bar.setFormat(f"{unit} {done} / {total}{time_left(time.monotonic() - self._t0, done, total)}")
+        self._set_bar(done, max(total, 1),
+                      f"{unit} {done} / {total}{time_left(time.monotonic() - self._t0, done, total)}")
 
     def _on_stage(self, text: str) -> None:
+        """A step without a count: its name on an empty bar, with its seconds so far once a
+        second (napari's busy animation would repaint the window ~16 times a second)."""
         if self._cancel.is_set():
             return
-        self.bar.setMaximum(0)  # busy indicator: no count for this stage
-        self.bar.setFormat(text)
+        self._stage, self._stage_t0 = text, time.monotonic()
+        self._set_bar(0, 1, text)
+        self._stage_timer.start()
+
+    def _tick_stage(self) -> None:
+        if not alive(self) or self.worker is None or self._cancel.is_set():
+            self._stage_timer.stop()
+            return
+        self._set_bar(text=f"{self._stage} {time.monotonic() - self._stage_t0:.0f} s")
 
     def run(self, fn: Callable[[Callable, threading.Event], Any], on_result: Callable[[Any], None],
             what: str, hint: str = "", unit: str | None = None,
@@ -110,8 +144,9 @@ class JobPanel(QWidget):
             now = time.monotonic()
             if stage is not None:
                 self.staged.emit(stage)
-            # Throttle bar updates (the GUI thread only needs ~20 per second); always pass info.
-            elif done >= total or now - self._last_emit > 0.05:
+            # Throttle bar updates (each repaints the window; 4 a second read as smooth); always
+            # pass info.
+            elif done >= total or now - self._last_emit > 0.25:
                 self._last_emit = now
                 self.progressed.emit(done, total)
             if info is not None:
@@ -162,17 +197,17 @@ class JobPanel(QWidget):
                 self.state.jobs = max(0, self.state.jobs - 1)
             if not alive(self):
                 return
+            self._stage_timer.stop()
             self.cancel_button.setEnabled(False)
             status = "cancelled" if cancel.is_set() else outcome.get("status", "done")
-            self.bar.setMaximum(max(self.bar.maximum(), 1))
-            self.bar.setValue(self.bar.maximum() if status == "done" else self.bar.value())
+            top = max(self.bar.maximum(), 1)
             seconds = time.monotonic() - self._t0
-            self.bar.setFormat({"done": f"{what}: done in {seconds:.0f} s" if seconds >= 1 else f"{what}: done",
-                                "cancelled": f"{what}: cancelled"}.get(status, f"{what}: failed"))
+            self._set_bar(top if status == "done" else min(self.bar.value(), top), top,
+                          {"done": f"{what}: done in {seconds:.0f} s" if seconds >= 1 else f"{what}: done",
+                           "cancelled": f"{what}: cancelled"}.get(status, f"{what}: failed"))
             self.finished.emit()
 
-        self.bar.setMaximum(0)  # busy indicator until the first report
-        self.bar.setFormat(f"{what}…")
+        self._on_stage(f"{what}…")  # until the first report
         self.cancel_button.setEnabled(True)
         self.worker = work()
         self.worker.returned.connect(returned)

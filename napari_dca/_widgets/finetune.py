@@ -11,13 +11,14 @@ import napari
 import numpy as np
 from napari.layers import Image, Labels, Shapes
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
-                            QLabel, QPushButton, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
+                            QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ._common import (Connections, LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
                       check_plane_image, find_owned_layers, image_by_key, image_key, is_edited,
                       one_refresh, owned_metadata, owner, show_error, show_info, warm_up)
 from ._jobs import JobPanel
-from ._layout import scrolling, style_axes, theme_colors
+from .loss_plot import LossPlot
+from ._layout import scrolling
 from ._state import add_recent_checkpoint, get_state, remember, remembered
 from .segment import SegmentResult, put_labels, region_placement, show_result
 
@@ -155,63 +156,6 @@ def shapes_mask(image_layer, shapes_layer, shape, origin=(0, 0), plane: tuple = 
         else:
             mask |= polygon2mask(shape, pts)
     return mask
-
-
-class LossPlot(QWidget):
-    """A small live plot of the training loss (matplotlib).
-
-    Drawing is the slow part (~0.1-0.5 s a frame on a loaded CPU, all on the GUI thread), so new
-    values only move the line's data and the figure is redrawn at most every REDRAW_MS; the axes
-    and the layout are made once, not per value."""
-    REDRAW_MS = 500
-
-    def __init__(self, viewer=None, parent=None):
-        super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-        from qtpy.QtCore import QTimer
-
-        self.colors = theme_colors(viewer)
-        self.figure = Figure(figsize=(3.0, 1.5), dpi=90)
-        self.figure.subplots_adjust(left=0.2, right=0.97, top=0.95, bottom=0.3)
-        self.figure.patch.set_facecolor(self.colors["background"])
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(110)
-        self.canvas.setMaximumHeight(180)
-        self.canvas.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
-        self.axes = self.figure.add_subplot(111)
-        self.axes.set_xlabel("step", fontsize=8)
-        self.axes.set_ylabel("loss", fontsize=8)
-        style_axes(self.axes, self.colors)
-        (self.line,) = self.axes.plot([], [], color=self.colors["highlight"], lw=1.5)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.canvas)
-        self.values: list[float] = []
-        self._timer = QTimer(self)
-        self._timer.setSingleShot(True)
-        self._timer.setInterval(self.REDRAW_MS)
-        self._timer.timeout.connect(self._draw)
-        self.clear()
-
-    def clear(self) -> None:
-        self.values = []
-        self._draw()
-
-    def append(self, value: float) -> None:
-        self.values.append(float(value))
-        if not self._timer.isActive():  # at most one redraw per REDRAW_MS, whatever the step rate
-            self._timer.start()
-
-    def _draw(self) -> None:
-        x = np.arange(1, len(self.values) + 1)
-        self.line.set_data(x, self.values)
-        if self.values:
-            lo, hi = min(self.values), max(self.values)
-            pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 0.05
-            self.axes.set_xlim(0.5, max(len(self.values), 2) + 0.5)
-            self.axes.set_ylim(lo - pad, hi + pad)
-        self.canvas.draw_idle()
 
 
 def compare(before: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, int, int]:

@@ -190,8 +190,9 @@ def put_labels(viewer, result: SegmentResult, contours: bool = True):
     else:
         base = f"{result.image_name} {result.task}"
         name = f"{base} (new run)" if edited else base
-        target = new_labels_layer(viewer, np.array(labels, copy=True), contours, name=name,
-                                  scale=result.scale, translate=result.translate, opacity=0.7,
+        # next to the user's corrected layer, which stays the active one: their brush goes on there
+        target = new_labels_layer(viewer, np.array(labels, copy=True), contours, select=not edited,
+                                  name=name, scale=result.scale, translate=result.translate, opacity=0.7,
                                   metadata=owned_metadata("instances", result.source, task=result.task))
         track_edits(target)
     note = ""
@@ -211,7 +212,7 @@ def _put_plane(viewer, target, result: SegmentResult, labels, edited: bool, cont
         if image is not None:
             nd = len(result.stack_shape)
             kwargs = {"scale": np.asarray(image.scale)[-nd:], "translate": np.asarray(image.translate)[-nd:]}
-        target = new_labels_layer(viewer, plane_stack(result.stack_shape), contours,
+        target = new_labels_layer(viewer, plane_stack(result.stack_shape), contours, select=not edited,
                                   name=f"{base} (new run)" if edited else base, opacity=0.7,
                                   metadata=owned_metadata("instances", result.source, task=result.task),
                                   **kwargs)

@@ -66,6 +66,8 @@ def test_1_painted_labels_survive_threshold_segment_and_model_load(
     mask = _painted(viewer, qtbot, user)
     _nudge(seg, qtbot, wait_for)
     assert np.all(user.data[mask] == 9), "a threshold nudge rewrote the painted layer"
+    assert seg.labels_layer() is not user
+    assert viewer.layers.selection.active is user, "the new labels took the user's brush away"
     seg.run()
     wait_for(seg)
     assert np.all(user.data[mask] == 9), "Segment rewrote the painted layer"

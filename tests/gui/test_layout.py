@@ -67,8 +67,47 @@ def test_readable_defaults_contours_no_probability_theme_plots(make_napari_viewe
     assert not errors(messages)
     assert seg.labels_layer().contour > 0
     assert not any("probability" in layer.name for layer in viewer.layers)
-    face = FinetuneWidget(viewer).plot.figure.get_facecolor()
-    assert np.mean(face[:3]) < 0.5, "the plot is drawn on the dark theme's background, not white"
+    plot = FinetuneWidget(viewer).plot
+    rgb = _painted(plot, [1.0, 0.7, 0.5, 0.45])
+    assert rgb.mean() < 0.5 * 255, "the plot is drawn on the dark theme's background, not white"
+
+
+def _painted(widget, values, size=(300, 140)) -> np.ndarray:
+    """The loss plot painted with `values`, as an (H, W, 3) uint8 array."""
+    from qtpy.QtGui import QImage
+
+    widget.resize(*size)
+    widget.clear()
+    for v in values:
+        widget.append(v)
+    image = widget.grab().toImage().convertToFormat(QImage.Format_RGB888)
+    w, h, stride = image.width(), image.height(), image.bytesPerLine()
+    buf = image.constBits()
+    buf.setsize(h * stride)
+    return np.frombuffer(buf, np.uint8).reshape(h, stride)[:, :w * 3].reshape(h, w, 3).copy()
+
+
+def test_loss_plot_draws_the_losses_in_the_theme_highlight(make_napari_viewer):
+    from napari_dca._widgets.loss_plot import LossPlot, envelope
+
+    plot = LossPlot(make_napari_viewer())
+    highlight = np.array([int(plot.colors["highlight"][i:i + 2], 16) for i in (1, 3, 5)])
+
+    def line_pixels(rgb):
+        return int((np.abs(rgb.astype(int) - highlight).sum(-1) < 40).sum())
+    assert line_pixels(_painted(plot, [])) == 0
+    falling = _painted(plot, [1.0, 0.8, 0.5, 0.3, 0.2])
+    assert line_pixels(falling) > 100, "the line is drawn"
+    # the line falls: its highlight pixels sit high on the left and low on the right
+    rows, cols = np.nonzero(np.abs(falling.astype(int) - highlight).sum(-1) < 40)
+    left, right = rows[cols < np.median(cols)].mean(), rows[cols >= np.median(cols)].mean()
+    assert left < right
+    assert line_pixels(_painted(plot, [0.5, float("nan"), 0.4])) > 50, "a non-finite loss is skipped"
+    # a long run is thinned to at most two points per pixel column, keeping its highest spike
+    points = [(i + 1, 1.0 / (i + 1)) for i in range(5000)]
+    points[2500] = (2501, 3.0)
+    thin = envelope(points, 200)
+    assert len(thin) <= 400 and (2501, 3.0) in thin and thin == sorted(thin)
 
 
 def test_progress_counts_tiles_with_time_left_then_post_processing(qtbot):
