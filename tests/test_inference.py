@@ -377,3 +377,17 @@ def test_predict_reuses_its_runner_until_the_weights_or_settings_change(tiny_une
                        runner=ModelRunner(model, torch.device("cpu")))
     np.testing.assert_array_equal(changed, expected)
     assert not np.array_equal(changed, first)
+
+
+def test_normalize_gives_the_broadcast_formula_exactly_channel_first():
+    from src_models.preprocess import DEFAULT_NORMALIZATION, normalize
+    rng = np.random.default_rng(7)
+    mean = np.asarray(DEFAULT_NORMALIZATION["mean"], np.float32)
+    std = np.asarray(DEFAULT_NORMALIZATION["std"], np.float32)
+    for shape in [(33, 70, 3), (16, 9, 1)]:
+        x = rng.random(shape, dtype=np.float32)
+        m, s = (mean, std) if shape[-1] == 3 else (mean.mean(dtype=np.float32), std.mean(dtype=np.float32))
+        expected = ((x - m) / s).transpose(2, 0, 1)
+        out = normalize(x, None)
+        assert out.dtype == np.float32 and out.flags.c_contiguous
+        np.testing.assert_array_equal(out, expected)
