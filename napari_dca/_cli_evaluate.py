@@ -35,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--tile", type=int, default=None, metavar="N",
                    help="tile size (default: the checkpoint's training tile size)")
+    p.add_argument("--overlap", type=float, default=0.25, metavar="F",
+                   help="fraction of a tile shared with each neighbour (0 <= F <= 0.9), as in segment")
     p.add_argument("--tta", action="store_true", help="average the four flips")
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: card's)")
     p.add_argument("--min-size", type=int, default=None, metavar="PIXELS",
@@ -68,7 +70,9 @@ def _check_folders(args) -> None:
 
 
 def _check_options(args) -> None:
-    from ._cli_bounds import check_inference_options
+    from ._cli_bounds import check_inference_options, check_range
+    check_range("--overlap", args.overlap, 0.0, 0.9,
+                "tiles sharing more than 90% multiply the work by over 100")
     check_inference_options(args)
 
 
@@ -105,7 +109,7 @@ def run(args) -> int:
                         if v is not None}
             report = evaluate_folder(model, card, args.images, args.masks, names, task=args.task,
                                      predict_kwargs={"tile_size": args.tile, "device": device,
-                                                     "tta": args.tta},
+                                                     "tta": args.tta, "overlap": args.overlap},
                                      instance_settings=settings, progress=progress,
                                      save_labels=args.save_labels)
             bar.close()

@@ -118,6 +118,27 @@ def test_evaluate_mistakes_are_one_line(tiny_checkpoint, tmp_path, capsys):
     assert cli.main(["evaluate", "-c", str(empty), "--images", str(tmp_path / "images"),
                      "--masks", str(tmp_path / "images"), "-o", str(tmp_path / "ev")]) == 2
     assert "empty file" in capsys.readouterr().err
+    assert cli.main(["evaluate", "-c", str(tiny_checkpoint), "--images", str(tmp_path / "images"),
+                     "--masks", str(tmp_path / "images"), "-o", str(tmp_path / "ev"),
+                     "--overlap", "0.95"]) == 2
+    assert "--overlap" in capsys.readouterr().err
+
+
+def test_evaluate_passes_the_tile_overlap_to_predict(tiny_checkpoint, tmp_path, monkeypatch):
+    import imageio.v3 as iio
+    from src_models import evaluate
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "x.tif", np.zeros((40, 40), np.uint8))
+    iio.imwrite(tmp_path / "masks" / "x.png", np.zeros((40, 40), np.uint8))
+    seen = []
+    real = evaluate.evaluate_folder
+    monkeypatch.setattr(evaluate, "evaluate_folder",
+                        lambda *a, **k: seen.append(k["predict_kwargs"]["overlap"]) or real(*a, **k))
+    assert cli.main(["evaluate", "-c", str(tiny_checkpoint), "--images", str(tmp_path / "images"),
+                     "--masks", str(tmp_path / "masks"), "-o", str(tmp_path / "ev"), "--device", "cpu",
+                     "--overlap", "0.5"]) == 0
+    assert seen == [0.5]
 
 
 def test_evaluate_save_labels_into_the_image_folder_keeps_the_images(tiny_checkpoint, tmp_path):
