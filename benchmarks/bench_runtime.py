@@ -1,6 +1,6 @@
 """Inference runtimes side by side, in one process, alternating: prints markdown tables.
 
-    python benchmarks/bench_runtime.py [--threads 2] [--repeats 5] [--sections forward,segment,1000,train]
+    python benchmarks/bench_runtime.py [--threads 2] [--repeats 5] [--sections forward,segment,1000,train,sessions]
         [--official PATH/TO/Dual-Cross-Attention] [--openvino]
 
 Sections (each timing is the median of --repeats runs; the runtimes alternate within every round,
@@ -24,6 +24,8 @@ so load from other jobs falls on all of them alike):
   at a time on all threads, and the graph running batches side by side on one thread each.
 - profile: where the whole `segment` goes on the exported-graph path (read, setup, tiles, graph,
   predict, instances, write), per bundled model at --size and for nuclei at 1000x1000.
+- sessions: settings of the graph's ONNX Runtime session (and OpenVINO with --openvino) on every
+  tile of a 1024x1024 crop, one change at a time against what ships (wall and CPU seconds).
 - int8: ONNX Runtime's dynamic and static int8 quantization of the nuclei graph against float32
   (speed of one batch, and how far the probabilities move).
 - train: eager forward and training step of U-Net with and without DCA, ours and the official
@@ -439,6 +441,107 @@ def profile_section(args) -> list[str]:
     return lines
 
 
+def sessions_section(args) -> list[str]:
+    """Settings of the exported graph's session, each on every tile of a 1024x1024 H&E crop run
+    as `predict` runs them (batches of 4 side by side on a pool of --threads workers, one ONNX
+    Runtime thread each: what ships), one change at a time: denormals flushed to zero, graph
+    optimisation EXTENDED instead of ALL (no NCHWc layout), the memory arena off, one session per
+    worker instead of one shared, batches of 8, one batch at a time on --threads ONNX Runtime
+    threads, and (--openvino) OpenVINO with --threads streams on the same file. Alternating,
+    medians of wall and CPU seconds (CPU: the whole process, so spinning threads count); max
+    |diff| of the logits against what ships."""
+    import torch
+    import onnxruntime as ort
+    from concurrent.futures import ThreadPoolExecutor
+    from src_models.inference import ModelRunner, _prepare_tile, _read_rows, image_layout, tile_starts
+    level = ort.GraphOptimizationLevel
+    n = args.threads
+    lines = [f"every tile of a 1024x1024 crop, {n} workers, median of {args.repeats} alternating "
+             "rounds", "", "| model | tiles | session | wall s | CPU s | speed-up (wall) | "
+             "max abs diff of the logits |", "|---|---|---|---|---|---|---|"]
+    pool = ThreadPoolExecutor(n)
+    for name, dataset in (("nuclei", "MoNuSeg"), ("glands", "GlaS")):
+        image, _ = he_image(1024, dataset)
+        model, card = load_bundled(name)
+        tile = card.tile_size
+        runner = ModelRunner(model, torch.device("cpu"), runtime="onnx", graph_workers=1)
+        runner(np.zeros((1, 3, tile, tile), np.float32))
+        path = str(next(iter(runner.graphs.values())).path)
+        starts = tile_starts(1024, tile, 0.25)
+        tiles = []
+        for y in starts:
+            row = _prepare_tile(_read_rows(image, image_layout(image.shape), 0, y, tile), 3,
+                                card.normalization, None)
+            tiles += [np.ascontiguousarray(row[:, :, x:x + tile]) for x in starts]
+
+        def batches(size):
+            return [np.stack(tiles[i:i + size]) for i in range(0, len(tiles), size)]
+
+        def session(opt=level.ORT_ENABLE_ALL, threads=1, arena=True, entries=()):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = opt
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            options.enable_cpu_mem_arena = arena
+            options.log_severity_level = 3
+            for key, value in entries:
+                options.add_session_config_entry(key, value)
+            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+        def side_by_side(sessions, parts):
+            futures = [pool.submit(sessions[i % len(sessions)].run, None, {"x": b})
+                       for i, b in enumerate(parts)]
+            return np.concatenate([f.result()[0] for f in futures])
+
+        four, eight = batches(4), batches(8)
+        shipped, flushed = session(), session(entries=[("session.set_denormal_as_zero", "1")])
+        extended, no_arena = session(level.ORT_ENABLE_EXTENDED), session(arena=False)
+        own = [session() for _ in range(n)]
+        wide = session(threads=n)
+        variants = {
+            "what ships (ALL, 1 thread per batch, one shared session)":
+                lambda: side_by_side([shipped], four),
+            "denormals as zero": lambda: side_by_side([flushed], four),
+            "optimisation EXTENDED": lambda: side_by_side([extended], four),
+            "memory arena off": lambda: side_by_side([no_arena], four),
+            "one session per worker": lambda: side_by_side(own, four),
+            "batches of 8": lambda: side_by_side([shipped], eight),
+            f"one batch at a time, {n} threads":
+                lambda: np.concatenate([wide.run(None, {"x": b})[0] for b in four]),
+        }
+        if args.openvino:
+            import openvino as ov
+            compiled = ov.Core().compile_model(path, "CPU", {
+                "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": n, "INFERENCE_NUM_THREADS": n,
+                "INFERENCE_PRECISION_HINT": "f32"})
+
+            def openvino_streams():
+                queue, out = ov.AsyncInferQueue(compiled, n), [None] * len(four)
+                queue.set_callback(lambda request, i: out.__setitem__(
+                    i, request.get_output_tensor(0).data.copy()))
+                for i, b in enumerate(four):
+                    queue.start_async({0: b}, i)
+                queue.wait_all()
+                return np.concatenate(out)
+            variants[f"OpenVINO, {n} streams"] = openvino_streams
+        reference = variants[next(iter(variants))]()
+        diffs = {k: float(np.abs(f() - reference).max()) for k, f in variants.items()}  # warm-up
+        wall = {k: [] for k in variants}
+        cpu = {k: [] for k in variants}
+        for _ in range(args.repeats):
+            for k, f in variants.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                f()
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+        base = statistics.median(wall[next(iter(variants))])
+        for k in variants:
+            w, c = statistics.median(wall[k]), statistics.median(cpu[k])
+            lines.append(f"| {name} | {len(tiles)} of {tile} | {k} | {w:.2f} | {c:.2f} | "
+                         f"{base / w:.2f}x | {diffs[k]:.1e} |")
+    pool.shutdown()
+    return lines
+
+
 def int8_section(args) -> list[str]:
     """ONNX Runtime int8 quantization of the bundled nuclei graph against its float32 graph:
     dynamic (weights int8, activations quantized per call) and static (QDQ, activations
@@ -583,7 +686,7 @@ def main() -> None:
     sections = {"forward": forward_section, "segment": segment_section, "1000": thousand_section,
                 "train": train_section, "threads": threads_section,
                 "coldstart": coldstart_section, "int8": int8_section,
-                "profile": profile_section}
+                "profile": profile_section, "sessions": sessions_section}
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(chosen) - set(sections)
     if unknown:
