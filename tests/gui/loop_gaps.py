@@ -31,8 +31,16 @@ class LoopGaps:
         self.stall_s = stall_ms / 1000.0
         self.sample_s = sample_ms / 1000.0
         self.stalls: list[dict] = []  # {"at": t, "samples": Counter(stack -> n)}
+        self.marks: list[tuple[float, str]] = []  # (time, name): the end of each named step
         self._stop = threading.Event()
         self._gui = threading.get_ident()
+
+    def mark(self, step: str) -> None:
+        """Ends the step named `step`: the stalls since the previous mark are reported as in it."""
+        self.marks.append((time.perf_counter(), step))
+
+    def _step_of(self, at: float) -> str:
+        return next((name for t, name in self.marks if t >= at), "")
 
     def _tick(self) -> None:
         self.ticks.append(time.perf_counter())
@@ -83,7 +91,9 @@ class LoopGaps:
             if stall["samples"]:
                 stack, count = stall["samples"].most_common(1)[0]
                 total = sum(stall["samples"].values())
-                out.append((gap, f"{gap:7.0f} ms ({count}/{total} samples) {stack}"))
+                step = self._step_of(stall["tick"])
+                where = f" in '{step}'" if step else ""
+                out.append((gap, f"{gap:7.0f} ms{where} ({count}/{total} samples) {stack}"))
         out.sort(key=lambda item: -item[0] if item[0] == item[0] else 0)
         return [text for _, text in out[:n]]
 

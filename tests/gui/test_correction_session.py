@@ -43,6 +43,7 @@ def test_a_whole_correction_session_keeps_every_painted_pixel(
         painted.append((layer, mask, label))
 
     def check_every_painted_pixel(step):
+        gaps.mark(step)
         for layer, mask, label in painted:
             assert layer in viewer.layers, f"{step}: the painted layer is gone"
             assert np.all(layer.data[mask] == label), f"{step}: painted pixels were overwritten"
@@ -58,6 +59,7 @@ def test_a_whole_correction_session_keeps_every_painted_pixel(
         seg.run()
         wait_for(seg)
         fit(viewer, qtbot)
+        gaps.mark("load a model and segment")
         viewer.layers.selection.active = seg.labels_layer()
         stroke([(30, 20), (30, 60), (34, 90)], 11)
         check_every_painted_pixel("paint")
