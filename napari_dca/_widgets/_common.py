@@ -115,25 +115,19 @@ def new_labels_layer(viewer, data, contours: bool = False, select: bool = True, 
 
 
 class _kept_selection:
-    """Context in which layers added to the viewer do not become the active one.
-
-    The layer is inserted unselected where napari allows it (its list's `_activate_on_insert`):
-    selecting it and then the old layer again rebuilds the layer controls twice (~0.1-0.3 s of the
-    GUI thread each). Elsewhere the old active layer is selected again afterwards."""
+    """Context in which layers added to the viewer do not stay the active one: napari selects a
+    new layer, and the layer that was active before is selected again afterwards. (Inserting it
+    unselected would spare napari one switch of the layer controls, but only through a private
+    attribute that napari forbids plugins to use.)"""
 
     def __init__(self, viewer):
         self.layers = viewer.layers
 
     def __enter__(self):
         self.active = self.layers.selection.active
-        self.activate = getattr(self.layers, "_activate_on_insert", None)
-        if isinstance(self.activate, bool):
-            self.layers._activate_on_insert = False
         return self
 
     def __exit__(self, *exc):
-        if isinstance(self.activate, bool):
-            self.layers._activate_on_insert = self.activate
         active = self.active
         if active is not None and active in self.layers and self.layers.selection.active is not active:
             self.layers.selection.active = active
