@@ -5,9 +5,10 @@ right half scored). Two reports, both printed one line per image:
 
     python benchmarks/diagnose_keep.py rounds glands            # every validation image
     python benchmarks/diagnose_keep.py rounds glands train_18,train_5
+    python benchmarks/diagnose_keep.py rounds glands train_18,train_5 '{"replay_per_batch": 2}'
     python benchmarks/diagnose_keep.py settings glands          # old weights only: cheap
 
-`rounds`: the round with the engine's defaults, then for the old and the trained weights (the
+`rounds`: the round with the engine's defaults (or the finetune arguments given as JSON), then for the old and the trained weights (the
 trained ones with their re-chosen settings) the signals a keep rule could use: the held-back check
 (objects, score), the replay crops the round's check uses (which the round also trains on), and
 4 crops of the card's tile size from OTHER training images of the card that the round never sees
@@ -72,7 +73,7 @@ def on_crops(model, crops, card, params, min_size, probs=None):
                    sum(s.matched for s in scores), sum(s.objects for s in scores))
 
 
-def rounds(task: str, names: list[str]) -> None:
+def rounds(task: str, names: list[str], kwargs: dict | None = None) -> None:
     model, card = load_checkpoint(task)
     root = DATA / DATASET[task] / "train"
     p0 = InstanceParams.from_card(card)
@@ -84,7 +85,7 @@ def rounds(task: str, names: list[str]) -> None:
     print(f"held-out training crops, old weights: score {h0[0]:.3f} Dice {h0[1]:.3f} matched {h0[2]} of {h0[3]}")
     for s in load_samples(root, names):
         h, w = s.mask.shape
-        res = finetune(model, s.image, s.mask, region=(0, h, 0, w // 2), card=card)
+        res = finetune(model, s.image, s.mask, region=(0, h, 0, w // 2), card=card, **(kwargs or {}))
         p1 = replace(p0, **{k: v for k, v in res.corrections["instance_params"].items() if k in asdict(p0)})
         _, h1 = on_crops(res.trained, held, card, p1, mins)
         _, r1 = on_crops(res.trained, replay, card, p1, mins)
@@ -131,4 +132,8 @@ if __name__ == "__main__":
     what, task = sys.argv[1], sys.argv[2]
     _, card = load_checkpoint(task)
     images = sys.argv[3].split(",") if len(sys.argv) > 3 else list(card.data_split["validation"])
-    {"rounds": rounds, "settings": settings}[what](task, images)
+    if what == "rounds":
+        import json
+        rounds(task, images, json.loads(sys.argv[4]) if len(sys.argv) > 4 else None)
+    else:
+        settings(task, images)
