@@ -359,8 +359,11 @@ def test_when_the_weights_lose_the_rechosen_postprocessing_alone_can_be_kept():
     rnd = new_card.corrections["rounds"][-1]
     assert rnd["kept"] is True and rnd["weights_kept"] is False and rnd["settings_check"]["kept"]
     assert new_card.instance_params["threshold"] == res.instance_params["threshold"]
+    default = finetune(model, image, labels, steps=6, lr=50.0, tile_size=TILE, card=card,
+                       replay=[nuclei_grid()])                 # the default: the fallback is on
+    assert default.kept and not default.weights_kept and default.corrections["settings_check"]["kept"]
     off = finetune(model, image, labels, steps=6, lr=50.0, tile_size=TILE, card=card,
-                   replay=[nuclei_grid()])                     # the default: weights or nothing
+                   replay=[nuclei_grid()], settings_alone=False)   # off: weights or nothing
     assert not off.kept and not off.weights_kept and "settings_check" not in off.corrections
 
 def test_rechosen_postprocessing_that_only_ties_on_the_check_is_not_kept_alone():
