@@ -16,6 +16,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 from ._common import (Connections, LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
                       check_plane_image, find_owned_layers, image_by_key, image_key, is_edited,
                       one_refresh, owned_metadata, owner, show_error, show_info, warm_up)
+from ._gc_freeze import freeze_long_lived
 from ._jobs import JobPanel
 from .loss_plot import LossPlot
 from ._layout import scrolling
@@ -280,6 +281,7 @@ class FinetuneWidget(QWidget):
         self.destroyed.connect(lambda *_: self._disconnect())
         self.suggest_labels()
         warm_up()
+        freeze_long_lived(viewer, self)  # short full garbage collections (_gc_freeze.py)
 
     def _disconnect(self):
         self._connections.disconnect()

@@ -10,6 +10,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBo
                             QPushButton, QSizePolicy, QVBoxLayout, QWidget)
 
 from ._common import Connections, alive, available_devices, resolve_device, show_error, show_info
+from ._gc_freeze import freeze_long_lived
 from ._jobs import JobPanel
 from ._layout import scrolling
 from ._speed import ACCURATE_SUFFIX, picker_label, speed_details, speed_of, variant
@@ -93,6 +94,7 @@ class ModelWidget(QWidget):
                                          (self.state.events.device, self._show_device),
                                          (self.state.events.jobs, self._on_busy)])
         self.destroyed.connect(self._connections.disconnect)
+        freeze_long_lived(viewer, self)  # short full garbage collections (_gc_freeze.py)
         self._on_checkpoint_choice()
         if self.state.model is not None:
             self._show_card()

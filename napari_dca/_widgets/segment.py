@@ -28,6 +28,7 @@ from ._common import (Connections, LayerCombo, UserError, add_layer_keeping_sele
                       image_by_key, image_key, is_edited, layer_region, new_labels_layer,
                       one_refresh, owned_metadata, owner, shapes_region, show_error, track_edits,
                       warm_up)
+from ._gc_freeze import freeze_long_lived
 from ._jobs import JobPanel
 from ._layout import scrolling
 from ._state import get_state, remember, remembered
@@ -346,6 +347,7 @@ class SegmentWidget(QWidget):
         self._on_busy()
         self._add_shortcuts()
         warm_up()
+        freeze_long_lived(viewer, self)  # short full garbage collections (_gc_freeze.py)
 
     def _add_shortcuts(self) -> None:
         """Segment and overlay toggling from the keyboard, anywhere in the viewer's window."""
