@@ -457,7 +457,7 @@ def _summary(r: FinetuneResult) -> str:
 def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, labels, train_valid,
                  check, card, replay, tile: int, tolerance: float, rechoose: bool, device,
                  dice_margin: float = DICE_MARGIN,
-                 settings_alone: bool = False) -> None:
+                 settings_alone: bool = True) -> None:
     """Scores old and new weights, re-chooses the post-processing, and decides (`judge_round`).
     The new weights are predicted over the reviewed region (the re-choice needs the trained-on
     part), the old ones only over the checked part (over the reviewed region too with
@@ -476,13 +476,10 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
     old_prob, old_box = region_probabilities(old, image, card,
                                              (train_valid | check) if settings_alone else part, device)
     part_box = region_box(part)
-    new_params = old_tuned = old_params
+    new_params = old_params
     if rechoose:
         new_params, _ = choose_postprocessing(new_prob, new_box, labels, train_valid, card, old_params,
                                               count_min)
-    if settings_alone:
-        old_tuned, _ = choose_postprocessing(old_prob, old_box, labels, train_valid, card, old_params,
-                                             count_min)
     result.instance_params = {k: v for k, v in asdict(new_params).items() if v is not None}
     old_part = crop_probabilities(old_prob, old_box, part_box)
     result.check_before = score_region(old_part, part_box, labels, part, card, old_params, count_min)
@@ -503,6 +500,10 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
         "instance_params": result.instance_params})
     kept, reason = judge_round(result.check_before, result.check_after, result.replay_before,
                                result.replay_after, held, dice_margin, tolerance)
+    old_tuned = old_params
+    if not kept and settings_alone:  # the fallback's settings: only needed once the weights lost
+        old_tuned, _ = choose_postprocessing(old_prob, old_box, labels, train_valid, card, old_params,
+                                             count_min)
     if not kept and old_tuned != old_params:
         # The new weights lost; the old ones with settings re-chosen on the trained-on corrections
         # face the same check (held-back part, replay crops) against the old ones as they were.
