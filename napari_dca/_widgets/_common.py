@@ -10,7 +10,7 @@ from qtpy.QtWidgets import QComboBox
 __all__ = ["show_error", "show_info", "show_warning", "UserError", "find_owned_layer", "LayerCombo",
            "owned_metadata", "available_devices", "resolve_device", "check_image", "check_channels",
            "worker_threads", "layer_region", "image_key", "image_by_key", "is_edited", "track_edits",
-           "alive", "add_layer_keeping_selection", "find_owned_layers", "owner", "current_plane",
+           "alive", "add_layer_keeping_selection", "find_owned_layers", "unedited_owned_layer", "owner", "current_plane",
            "check_plane_image", "shapes_region", "warm_up", "one_refresh", "new_labels_layer"]
 
 OWNER_KEY = "napari_dca"  # layer.metadata[OWNER_KEY] = {"role": ..., "source": ...} marks our layers
@@ -54,6 +54,14 @@ def find_owned_layers(viewer, role: str, source: str) -> list:
 
 def find_owned_layer(viewer, role: str, source: str):
     found = find_owned_layers(viewer, role, source)
+    return found[-1] if found else None
+
+
+def unedited_owned_layer(viewer, role: str, source: str, shape: tuple | None = None):
+    """The latest layer this plugin made for `role` of image `source` that the user has not
+    edited (an edited one is theirs: never rewritten), of data shape `shape` when given; or None."""
+    found = [layer for layer in find_owned_layers(viewer, role, source) if not is_edited(layer)
+             and (shape is None or tuple(layer.data.shape) == tuple(shape))]
     return found[-1] if found else None
 
 

@@ -15,7 +15,8 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 
 from ._common import (Connections, LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
                       check_plane_image, find_owned_layers, image_by_key, image_key, is_edited,
-                      one_refresh, owned_metadata, owner, show_error, show_info, warm_up)
+                      one_refresh, owned_metadata, owner, show_error, show_info, unedited_owned_layer,
+                      warm_up)
 from ._gc_freeze import freeze_long_lived
 from ._jobs import JobPanel
 from .loss_plot import LossPlot
@@ -198,14 +199,6 @@ def is_reference_mask(layer) -> bool:
     return "napari_dca_sample" in meta or "ground truth" in layer.name.lower()
 
 
-def _plugin_stack_layer(viewer, source: str, stack_shape: tuple):
-    """The plugin's unedited stack-shaped labels layer of an image (where Segment puts planes)."""
-    from ._common import find_owned_layers
-    layers = [layer for layer in find_owned_layers(viewer, "instances", source)
-              if not is_edited(layer) and tuple(layer.data.shape) == tuple(stack_shape)]
-    return layers[-1] if layers else None
-
-
 class FinetuneWidget(QWidget):
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
         super().__init__(parent)
@@ -380,7 +373,7 @@ class FinetuneWidget(QWidget):
         old_layers = [layer for layer in self.viewer.layers if _owner(layer).get("source") == source]
         plane_before = None
         if stack_shape:  # what Revert puts back into this plane of the plugin's stack layer
-            mine = _plugin_stack_layer(self.viewer, source, stack_shape)
+            mine = unedited_owned_layer(self.viewer, "instances", source, stack_shape)
             plane_before = None if mine is None else np.array(mine.data[plane], copy=True)
         scale, translate = region_placement(image_layer, full)
         threshold = previous.threshold if previous is not None else None
@@ -481,9 +474,8 @@ class FinetuneWidget(QWidget):
             changes = stack
             nd = len(result.stack_shape)
             scale, translate = np.asarray(image.scale)[-nd:], np.asarray(image.translate)[-nd:]
-        mine = [layer for layer in find_owned_layers(self.viewer, "changes", result.source)
-                if not is_edited(layer)]  # one the user painted in is theirs: never rewritten
-        layer = mine[-1] if mine else None
+        # one the user painted in is theirs: never rewritten
+        layer = unedited_owned_layer(self.viewer, "changes", result.source)
         if layer is not None and layer.data.shape != changes.shape:
             self.viewer.layers.remove(layer)  # the plugin's own, of an earlier other shape
             layer = None
@@ -522,7 +514,7 @@ class FinetuneWidget(QWidget):
         source = r.new_result.source
         other_plane = r.previous is not None and r.previous.plane != r.new_result.plane
         if r.new_result.stack_shape and r.plane_before is not None:
-            mine = _plugin_stack_layer(self.viewer, source, r.new_result.stack_shape)
+            mine = unedited_owned_layer(self.viewer, "instances", source, r.new_result.stack_shape)
             if mine is not None:  # this plane as it was; the other planes were never touched
                 mine.data[r.new_result.plane] = r.plane_before
                 mine.refresh()

@@ -27,7 +27,7 @@ from ._common import (Connections, LayerCombo, UserError, add_layer_keeping_sele
                       check_plane_image, current_plane, find_owned_layer, find_owned_layers,
                       image_by_key, image_key, is_edited, layer_region, new_labels_layer,
                       one_refresh, owned_metadata, owner, shapes_region, show_error, track_edits,
-                      warm_up)
+                      unedited_owned_layer, warm_up)
 from ._gc_freeze import freeze_long_lived
 from ._jobs import JobPanel
 from ._layout import scrolling
@@ -717,6 +717,4 @@ class SegmentWidget(QWidget):
         r = self.selected_result()
         if r is None:
             return None
-        layers = [layer for layer in find_owned_layers(self.viewer, "instances", r.source)
-                  if not is_edited(layer)]
-        return layers[-1] if layers else None
+        return unedited_owned_layer(self.viewer, "instances", r.source)
