@@ -29,6 +29,8 @@ from scipy import ndimage as ndi
 from .targets import HEADS, check_head, head_of, interior_score  # noqa: F401 - HEADS: card_schema reads it here
 
 MODES = ("nuclei", "glands", "semantic")
+UNSEEDED = ("keep", "drop")
+SMALL_OBJECTS = ("drop", "merge")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,20 @@ class InstanceParams:
     fill_holes: fill holes inside each object. min_distance: nuclei seeds are at least this far
     apart (pixels; about a nucleus radius). smoothing: Gaussian sigma applied to the distance map
     before seeding (suppresses seeds on ragged outlines). split: watershed-split touching objects
-    (True for nuclei, False for glands by default)."""
+    (True for nuclei, False for glands by default).
+
+    Instance heads (marker watershed): marker_threshold / marker_min_size: markers are the
+    connected regions of the interior score >= marker_threshold with at least marker_min_size
+    pixels. boundary_weight: the score is P(interior) - boundary_weight * P(boundary) (three_class).
+    marker_smoothing: Gaussian sigma on the score before the markers are cut from it.
+    marker_opening: binary opening of the marker regions by a disk of this radius (cuts bridges
+    thinner than about 2 * radius). marker_split_h: a marker is split at the maxima of its own
+    distance transform that stand at least this many pixels above the saddle between them (two
+    blobs joined by a neck). unseeded: "keep" a mask region without a marker as one object, or
+    "drop" it. small_objects: objects under min_size are dropped ("drop"), or given to the touching
+    object they share most border with ("merge"; dropped when they touch none). min_mean_prob: drop
+    objects whose mean foreground probability is below it. grow: at the end, objects grow by up to
+    this many pixels into the background (not into each other)."""
     mode: str = "nuclei"
     threshold: float = 0.5
     min_size: int = 16
@@ -50,6 +65,16 @@ class InstanceParams:
     head: str = "binary"
     marker_threshold: float = 0.5
     marker_min_size: int = 0
+    # Instance heads only (see `marker_watershed`); each default leaves the labels as they were
+    # before the setting existed, so older cards keep their behaviour.
+    marker_smoothing: float = 0.0
+    boundary_weight: float = 0.0
+    marker_opening: int = 0
+    marker_split_h: float = 0.0
+    unseeded: str = "keep"
+    small_objects: str = "drop"
+    min_mean_prob: float = 0.0
+    grow: int = 0
 
     @property
     def splits(self) -> bool:
@@ -79,6 +104,10 @@ class InstanceParams:
         if out.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {out.mode!r}")
         check_head(out.head)
+        if out.unseeded not in UNSEEDED:
+            raise ValueError(f"unseeded must be one of {UNSEEDED}, got {out.unseeded!r}")
+        if out.small_objects not in SMALL_OBJECTS:
+            raise ValueError(f"small_objects must be one of {SMALL_OBJECTS}, got {out.small_objects!r}")
         return out
 
 
@@ -116,26 +145,81 @@ def split_touching(mask: np.ndarray, min_distance: int = 4, smoothing: float = 1
 
 
 def marker_watershed(mask: np.ndarray, score: np.ndarray, marker_threshold: float = 0.5,
-                     marker_min_size: int = 0) -> np.ndarray:
+                     marker_min_size: int = 0, *, smoothing: float = 0.0, opening: int = 0,
+                     split_h: float = 0.0, unseeded: str = "keep") -> np.ndarray:
     """Instance labels (H, W) int32 of `mask`: markers are the connected regions of
     `score >= marker_threshold` inside the mask with at least `marker_min_size` pixels, grown into
-    the mask by a watershed on -score. Mask components without a marker keep one label each."""
+    the mask by a watershed on -score. Mask components without a marker keep one label each
+    (unseeded="keep") or stay background ("drop"). smoothing, opening, split_h: see
+    InstanceParams (marker_smoothing, marker_opening, marker_split_h); 0 leaves the markers as
+    they are."""
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return np.zeros(mask.shape, np.int32)
     score = np.asarray(score, np.float32)
-    markers, n = ndi.label((score >= marker_threshold) & mask)
+    markers, n = label_markers(mask, score, marker_threshold, marker_min_size,
+                               smoothing=smoothing, opening=opening, split_h=split_h)
+    comps, n_comp = ndi.label(mask)
+    if unseeded == "keep":
+        seeded = np.zeros(n_comp + 1, bool)
+        seeded[comps[markers > 0]] = True
+        unseeded_px = mask & ~seeded[comps]
+        if unseeded_px.any():
+            extra, _ = ndi.label(unseeded_px)
+            markers = np.where(extra > 0, extra + n, markers)
+    return flood(-score, markers, mask, comps)
+
+
+def label_markers(mask: np.ndarray, score: np.ndarray, marker_threshold: float,
+                  marker_min_size: int = 0, *, smoothing: float = 0.0, opening: int = 0,
+                  split_h: float = 0.0) -> tuple[np.ndarray, int]:
+    """(markers int32 (H, W), count) for `marker_watershed`."""
+    if smoothing > 0:
+        score = ndi.gaussian_filter(score, float(smoothing))
+    seeds = (score >= marker_threshold) & mask
+    if opening > 0:
+        seeds = ndi.binary_opening(seeds, structure=disk(int(opening)))
+    markers, n = ndi.label(seeds)
     if n and marker_min_size > 1:
         markers = remove_small(markers, marker_min_size)
         n = int(markers.max())
-    comps, n_comp = ndi.label(mask)
-    seeded = np.zeros(n_comp + 1, bool)
-    seeded[comps[markers > 0]] = True
-    unseeded = mask & ~seeded[comps]
-    if unseeded.any():
-        extra, _ = ndi.label(unseeded)
-        markers = np.where(extra > 0, extra + n, markers)
-    return flood(-score, markers, mask, comps)
+    if n and split_h > 0:
+        markers = split_necks(markers, float(split_h))
+        n = int(markers.max())
+    return markers.astype(np.int32, copy=False), n
+
+
+def disk(radius: int) -> np.ndarray:
+    """Bool disk structuring element of the given radius (pixels)."""
+    r = np.arange(-radius, radius + 1)
+    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius * radius + radius * 0.5
+
+
+def split_necks(markers: np.ndarray, h: float) -> np.ndarray:
+    """Split marker regions joined by a neck: one new marker per maximum of the region's distance
+    transform that is at least `h` pixels above the saddle to any higher one (h-maxima), the
+    region divided between them by a watershed on -distance. A region with one such maximum stays
+    whole. Returns labels renumbered 1..n."""
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+    dist = ndi.distance_transform_edt(markers > 0)
+    # h-maxima of the regions stacked on a floor of -h, so that the top of every region, however
+    # low, counts as a maximum of dynamic >= h and no region loses its marker.
+    peaks = h_maxima(np.where(markers > 0, dist, -h), h).astype(bool) & (markers > 0)
+    seeds, n_seeds = ndi.label(peaks, structure=np.ones((3, 3), bool))
+    split = watershed(-dist, seeds, mask=markers > 0)
+    # Pair each piece with its region so that a watershed line never joins two regions.
+    pieces = split.astype(np.int64) * (int(markers.max()) + 1) + markers
+    out, _ = _renumber(np.where(markers > 0, pieces, 0))
+    return out
+
+
+def _renumber(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    ids, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.reshape(labels.shape).astype(np.int32)
+    if ids[0] != 0:
+        inverse += 1
+    return inverse, int(inverse.max())
 
 
 def flood(image: np.ndarray, markers: np.ndarray, mask: np.ndarray,
@@ -358,5 +442,68 @@ class InstanceMaker:
         if p.fill_holes:
             mask = fill_holes(mask)
         score = self.interior(p.head) if z is None else self.interior(p.head)[z]
-        labels = marker_watershed(mask, score, p.marker_threshold, p.marker_min_size)
-        return remove_small(labels, p.min_size)
+        if p.boundary_weight and p.head == "three_class":
+            prob = self.prob if z is None else self.prob[z]
+            score = score - np.float32(p.boundary_weight) * np.asarray(prob[2], np.float32)
+        labels = marker_watershed(mask, score, p.marker_threshold, p.marker_min_size,
+                                  smoothing=p.marker_smoothing, opening=p.marker_opening,
+                                  split_h=p.marker_split_h, unseeded=p.unseeded)
+        if p.min_mean_prob > 0:
+            labels = drop_unsure(labels, fg, p.min_mean_prob)
+        if p.small_objects == "merge":
+            labels = merge_small(labels, p.min_size)
+        labels = remove_small(labels, p.min_size)
+        if p.grow > 0:
+            from skimage.segmentation import expand_labels
+            labels = expand_labels(labels, int(p.grow)).astype(np.int32, copy=False)
+        return labels
+
+
+def drop_unsure(labels: np.ndarray, fg: np.ndarray, min_mean: float) -> np.ndarray:
+    """Objects whose mean foreground probability is below `min_mean` become background."""
+    n = int(labels.max())
+    if n == 0:
+        return labels
+    sums = np.bincount(labels.ravel(), weights=np.asarray(fg, np.float64).ravel(), minlength=n + 1)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sums >= min_mean * np.maximum(sizes, 1)
+    keep[0] = False
+    return np.where(keep[labels], labels, 0).astype(np.int32, copy=False)
+
+
+def merge_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Objects under `min_size` pixels join the object they share the longest 4-connected border
+    with, if they touch one (small first, one pass; an object a small one joins may itself be
+    small). Objects that touch none are left for `remove_small`."""
+    n = int(labels.max())
+    if n == 0 or min_size <= 1:
+        return labels
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    small = (sizes < min_size) & (sizes > 0)
+    small[0] = False
+    if not small.any():
+        return labels
+    # Border pairs (a, b) of different objects, from horizontal and vertical neighbours.
+    pairs = [np.stack([labels[:, :-1].ravel(), labels[:, 1:].ravel()]),
+             np.stack([labels[:-1].ravel(), labels[1:].ravel()])]
+    a, b = np.concatenate(pairs, axis=1)
+    touch = (a != b) & (a > 0) & (b > 0)
+    a, b = a[touch], b[touch]
+    a, b = np.concatenate([a, b]), np.concatenate([b, a])   # both directions
+    from_small = small[a]
+    if not from_small.any():
+        return labels
+    codes, counts = np.unique(a[from_small].astype(np.int64) * (n + 1) + b[from_small], return_counts=True)
+    src, dst = np.divmod(codes, n + 1)
+    order = np.lexsort((-counts, src))    # per small object, its longest border first
+    first = np.r_[True, src[order][1:] != src[order][:-1]]
+    target = np.arange(n + 1, dtype=np.int32)
+    for s_id, d_id in zip(src[order][first], dst[order][first]):
+        target[s_id] = d_id
+    # Follow chains (small -> small -> large), stopping at cycles.
+    for _ in range(8):
+        nxt = target[target]
+        if np.array_equal(nxt, target):
+            break
+        target = nxt
+    return target[labels]
