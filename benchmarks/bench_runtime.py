@@ -1,13 +1,15 @@
 """Inference runtimes side by side, in one process, alternating: prints markdown tables.
 
     python benchmarks/bench_runtime.py [--threads 2] [--repeats 5] [--sections forward,segment,1000,train,sessions]
-        [--official PATH/TO/Dual-Cross-Attention] [--openvino]
+        [--official PATH/TO/Dual-Cross-Attention] [--openvino] (sections also: engines, profile,
+        threads, coldstart, sessions, int8, train)
 
 Sections (each timing is the median of --repeats runs; the runtimes alternate within every round,
 so load from other jobs falls on all of them alike):
 - forward: one batch (4 tiles of the model's tile size) through each runtime, as `predict` runs it:
   `torch` (eager, BatchNorm folded, channels_last: what ships), `onnx` (the exported graph in ONNX
-  Runtime), `openvino` (the same exported file in OpenVINO; --openvino), and for the
+  Runtime), `openvino` (the same exported file in OpenVINO, `--runtime openvino`; --openvino),
+  each also as parts side by side (one thread each, what `predict` does), and for the
   paper-configuration DCA-U-Net the authors' own code (`official`, eager, same weights through
   `from_official`; --official PATH to a checkout of gorkemcanates/Dual-Cross-Attention, which needs
   einops; skipped without it). Ratios are against the eager row; max |diff| of the probabilities
@@ -18,8 +20,11 @@ so load from other jobs falls on all of them alike):
   `napari_dca.cli.main`) and a fresh process per command (median); then its two parts timed on
   their own (predict, instances) and whether the labels are the same.
 - 1000: `predict` of the default (nuclei) model on a 1000x1000 H&E crop, per runtime.
+  (--openvino adds the openvino runtime to the segment and 1000 sections, labels checked as onnx's.)
 - coldstart: wall time of a fresh `napari-dca segment` process on a 256x256 image per runtime
   (graph cached), and of importing torch / onnxruntime alone.
+- engines (--openvino): `predict` through ONNX Runtime and OpenVINO as they ship, wall and CPU
+  seconds (CPU tells on a loaded machine too), and each one's labels against eager torch's.
 - threads: `predict` of the 2048x2048 image with eager torch on all threads, the graph one batch
   at a time on all threads, and the graph running batches side by side on one thread each.
 - profile: where the whole `segment` goes on the exported-graph path (read, setup, tiles, graph,
@@ -113,18 +118,9 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f}"
 
 
-def openvino_runner(onnx_path: Path, threads: int):
-    import openvino as ov
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU",
-                                  {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                                   "INFERENCE_PRECISION_HINT": "f32"})
-    request = compiled.create_infer_request()
-    from src_models.runtime_onnx import probabilities
-
-    def run(batch):
-        return probabilities(request.infer({0: batch})[0].copy())
-    return run
+def graph_runtimes(args) -> tuple[str, ...]:
+    """The exported-graph runtimes this run times: onnx, and openvino with --openvino."""
+    return ("onnx", "openvino") if args.openvino else ("onnx",)
 
 
 def forward_section(args) -> list[str]:
@@ -152,29 +148,27 @@ def forward_section(args) -> list[str]:
         rng = np.random.default_rng(0)
         batch = rng.normal(0, 1, (args.batch, 3, tile, tile)).astype(np.float32)
         eager = ModelRunner(model, cpu, runtime="torch", max_batch=args.batch)
-        fast = ModelRunner(model, cpu, runtime="onnx", max_batch=args.batch, graph_workers=1)
-        side = ModelRunner(model, cpu, runtime="onnx", max_batch=args.batch,
-                           graph_workers=args.threads)
         reference = eager(batch)
-        fast(batch)  # exports (or loads) the graph
         functions = {"torch (eager)": lambda: eager(batch)}
         outputs = {}
-        if fast.uses_graph:
-            functions["onnx (ONNX Runtime)"] = lambda: fast(batch)
-            outputs["onnx (ONNX Runtime)"] = fast(batch)
+        engines = {"onnx": "onnx (ONNX Runtime)", "openvino": "openvino (OpenVINO)"}
+        for runtime in graph_runtimes(args):
+            fast = ModelRunner(model, cpu, runtime=runtime, max_batch=args.batch, graph_workers=1)
+            side = ModelRunner(model, cpu, runtime=runtime, max_batch=args.batch,
+                               graph_workers=args.threads)
+            fast(batch)  # exports (or loads) the graph
+            if not fast.uses_graph:
+                continue
+            functions[engines[runtime]] = lambda fast=fast: fast(batch)
+            outputs[engines[runtime]] = fast(batch)
             if side.graph_workers > 1:   # the batch split in parts run side by side, 1 thread each
-                label_side = f"onnx, {side.graph_workers} parts side by side"
+                label_side = f"{runtime}, {side.graph_workers} parts side by side"
                 parts = np.array_split(batch, side.graph_workers)
 
-                def run_side():
+                def run_side(side=side, parts=parts):
                     return np.concatenate([p for _, p in side.run_batches(enumerate(parts))])
                 functions[label_side] = run_side
                 outputs[label_side] = run_side()
-            if args.openvino:
-                graph = next(g for g in fast._graphs.values() if g is not None)
-                ov_run = openvino_runner(graph.path, args.threads)
-                functions["openvino"] = lambda: ov_run(batch)
-                outputs["openvino"] = ov_run(batch)
         if official is not None:
             x = torch.from_numpy(batch)
 
@@ -193,7 +187,7 @@ def forward_section(args) -> list[str]:
             lines.append(f"| {label} | {tile} | {runtime} | {ms(seconds)} | {base / seconds:.2f}x | "
                          f"{diff} |")
         if official is not None and "onnx (ONNX Runtime)" in medians:
-            for name in [k for k in medians if k.startswith("onnx")]:
+            for name in [k for k in medians if k.startswith(("onnx", "openvino"))]:
                 ratio = medians["official code (eager)"] / medians[name]
                 lines.append(f"| {label} | {tile} | {name} against the official code | | "
                              f"{ratio:.2f}x (goal >= 1.5x) | |")
@@ -221,7 +215,7 @@ def segment_section(args) -> list[str]:
              "| model | image | runtime | first in process s | whole `segment` s | fresh process s | "
              "predict s | instances s | speed-up (whole) | speed-up (fresh process) | "
              "labels same as torch |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    runtimes = ("torch", "onnx")
+    runtimes = ("torch",) + graph_runtimes(args)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     for name, dataset in (("nuclei", "MoNuSeg"), ("glands", "GlaS")):
@@ -280,6 +274,51 @@ def segment_section(args) -> list[str]:
                          f"{whole_s['torch'] / whole_s[r]:.2f}x (goal >= 2x) | "
                          f"{fresh_s['torch'] / fresh_s[r]:.2f}x | {verdict}; "
                          f"{n} objects; max prob diff "
+                         f"{float(np.abs(probs[r] - probs['torch']).max()):.1e} |")
+    return lines
+
+
+def engines_section(args) -> list[str]:
+    """The two exported-graph engines on the same cached file, through what ships (ModelRunner with
+    runtime "onnx" / "openvino": batches side by side, one thread each): `predict` of each bundled
+    model's --size H&E image and of nuclei at 1000x1000, alternating, medians of wall AND CPU
+    seconds (CPU: the whole process, so it also tells on a loaded machine, where wall time is
+    mostly waiting), then the instance labels of each against eager torch's (torch run once,
+    untimed)."""
+    import torch
+    from src_models.inference import ModelRunner, predict
+    from src_models.instances import InstanceMaker
+    if not args.openvino:
+        return ["skipped: needs --openvino"]
+    cpu = torch.device("cpu")
+    lines = [f"`predict`, {args.threads} threads, median of {args.repeats} alternating rounds", "",
+             "| model | image | runtime | wall s | CPU s | CPU against onnx | labels same as torch | "
+             "max prob diff vs torch |", "|---|---|---|---|---|---|---|---|"]
+    for name, dataset, size in (("nuclei", "MoNuSeg", args.size), ("glands", "GlaS", args.size),
+                                ("nuclei", "MoNuSeg", 1000)):
+        image, source = he_image(size, dataset)
+        model, card = load_bundled(name)
+        runners = {r: ModelRunner(model, cpu, runtime=r) for r in ("onnx", "openvino")}
+        for runner in runners.values():   # opens (or exports) and probes each graph
+            predict(model, image[:512, :512], card, runner=runner)
+        wall = {r: [] for r in runners}
+        used = {r: [] for r in runners}
+        probs = {}
+        for _ in range(args.repeats):
+            for r, runner in runners.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                probs[r] = predict(model, image, card, runner=runner)
+                wall[r].append(time.perf_counter() - t0)
+                used[r].append(time.process_time() - c0)
+        probs["torch"] = predict(model, image, card, runner=ModelRunner(model, cpu, runtime="torch"))
+        labels = {r: InstanceMaker(p, card).labels() for r, p in probs.items()}
+        base = statistics.median(used["onnx"])
+        for r in runners:
+            same = np.array_equal(labels[r], labels["torch"])
+            c = statistics.median(used[r])
+            lines.append(f"| {name} | {source} | {r} | {statistics.median(wall[r]):.2f} | {c:.2f} | "
+                         f"{c / base:.2f}x | {'yes' if same else 'no'}; "
+                         f"{len(np.unique(labels[r])) - 1} objects | "
                          f"{float(np.abs(probs[r] - probs['torch']).max()):.1e} |")
     return lines
 
@@ -359,7 +398,7 @@ def thousand_section(args) -> list[str]:
     from src_models.inference import predict
     image, source = he_image(1000, "MoNuSeg")
     model, card = load_bundled("nuclei")
-    runtimes = ("torch", "onnx")
+    runtimes = ("torch",) + graph_runtimes(args)
     for r in runtimes:
         predict(model, image, card, device="cpu", runtime=r)
     medians = alternate({r: (lambda r=r: predict(model, image, card, device="cpu", runtime=r))
@@ -684,7 +723,7 @@ def main() -> None:
     import onnxruntime
     load_start = os.getloadavg()[0]
     sections = {"forward": forward_section, "segment": segment_section, "1000": thousand_section,
-                "train": train_section, "threads": threads_section,
+                "train": train_section, "threads": threads_section, "engines": engines_section,
                 "coldstart": coldstart_section, "int8": int8_section,
                 "profile": profile_section, "sessions": sessions_section}
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("checkpoint", metavar="CHECKPOINT", help="bundled name or .safetensors path")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"])
+    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino"])
     ap.add_argument("--json", default=None, metavar="OUT.json", help="write the result here")
     ap.add_argument("--size", type=int, default=1000, help=argparse.SUPPRESS)  # tests only
     argv = sys.argv[1:] if argv is None else list(argv)

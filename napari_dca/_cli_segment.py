@@ -39,11 +39,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(or an official DCA .pt/.pth with its .json card beside it)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where the model runs; auto = CUDA, else Apple MPS, else CPU")
-    p.add_argument("--runtime", default=None, choices=["auto", "torch", "onnx"],
+    p.add_argument("--runtime", default=None, choices=["auto", "torch", "onnx", "openvino"],
                    help="what runs the model: onnx = the model exported once into your cache folder "
-                        "and run by ONNX Runtime (faster on a CPU; see the README's Performance), torch = PyTorch, auto = "
-                        "onnx on the CPU when installed and matching PyTorch, else torch "
-                        "(default: $NAPARI_DCA_RUNTIME, else auto)")
+                        "and run by ONNX Runtime (faster on a CPU; see the README's Performance), "
+                        "openvino = the same exported graph run by OpenVINO (pip install openvino), "
+                        "torch = PyTorch, auto = onnx on the CPU when installed and matching "
+                        "PyTorch, else torch (default: $NAPARI_DCA_RUNTIME, else auto)")
     p.add_argument("--tile", type=int, default=None, metavar="N",
                    help=f"tile size in pixels, 32..{MAX_TILE} (default: the checkpoint's training "
                         f"tile size; never larger than the image needs)")
@@ -158,8 +159,10 @@ class _Engine:
         self.torch_default_threads = None
         self.remembered: set = set()
         self.choice = args.runtime or runtime_onnx.default_runtime()
-        if fast_start and self._cpu_only() and self.choice in ("auto", "onnx") \
-                and runtime_onnx.runtime_available():
+        # The engine a cached graph runs in without torch: what auto resolves to, or the one asked.
+        self.graph_engine = "openvino" if self.choice == "openvino" else "onnx"
+        if fast_start and self._cpu_only() and self.choice != "torch" \
+                and runtime_onnx.engine_available(self.graph_engine):
             from src_models import runtime_cached
             self.cached = runtime_cached.find(args.checkpoint)
         if self.cached is not None:
@@ -205,7 +208,8 @@ class _Engine:
             channels = int((self.card.get("model_kwargs") or {}).get("in_channels", 3))
             runner = self.cached.runner((channels, tile, tile),
                                         threads=self.args.threads or self.cached.default_threads(),
-                                        tta=self.args.tta, max_batch=self.args.batch_size)
+                                        tta=self.args.tta, max_batch=self.args.batch_size,
+                                        runtime=self.graph_engine)
             if runner is not None:
                 return runner
             self.load_torch()

@@ -318,8 +318,8 @@ class ModelRunner:
 
     Splits batches to at most `max_batch`; on a GPU out-of-memory error halves `max_batch` and
     retries, and when one tile still does not fit, moves to the CPU (with a warning) and goes on.
-    runtime: "torch", "onnx" or "auto" (see runtime_onnx.resolve_runtime); with the exported graph,
-    the torch model stays ready for any input shape whose graph cannot be used.
+    runtime: "torch", "onnx", "openvino" or "auto" (see runtime_onnx.resolve_runtime); with the
+    exported graph, the torch model stays ready for any input shape whose graph cannot be used.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, *, precision: str = "auto",
@@ -334,8 +334,8 @@ class ModelRunner:
         self.tta = tta
         self.max_batch = max(1, int(max_batch))
         self.fuse = fuse
-        # "onnx": the forward pass runs through an exported graph (runtime_onnx), one per input
-        # shape, made on first use; a shape whose graph cannot be used stays in torch.
+        # "onnx" / "openvino": the forward pass runs through an exported graph (runtime_onnx), one
+        # per input shape, made on first use; a shape whose graph cannot be used stays in torch.
         self.runtime = runtime_onnx.resolve_runtime(runtime, device.type, precision)
         self._graphs: dict[tuple[int, ...], runtime_onnx.ExportedGraph | None] = {}
         # Exported graph: batches run side by side, one ONNX Runtime thread each (run_batches).
@@ -365,7 +365,8 @@ class ModelRunner:
                 variant = "fused" if self.fuse else "plain"
                 key = runtime_onnx.key_for_model(self.source_model, shape, variant=variant)
                 self._graphs[shape] = runtime_onnx.graph_for(
-                    self.model, shape, key=key, threads=self.graph_threads)
+                    self.model, shape, key=key, threads=self.graph_threads, runtime=self.runtime,
+                    workers=self.graph_workers)
             return self._graphs[shape]
 
     def _run_graph(self, graph: "runtime_onnx.ExportedGraph", batch: np.ndarray) -> np.ndarray:
@@ -398,7 +399,7 @@ class ModelRunner:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         import torch
-        if self.runtime == "onnx":
+        if self.runtime in runtime_onnx.GRAPH_RUNTIMES:
             graph = self._graph(tuple(batch.shape[1:]))
             if graph is not None:
                 return self._run_graph(graph, batch)
@@ -421,7 +422,7 @@ class ModelRunner:
         thread prepares the next inputs and blends the finished ones; the outputs are the same
         as one at a time. Otherwise one batch at a time, the input read only when the previous
         output has been consumed (so a cancel check in `batches` is seen at once)."""
-        workers = self.graph_workers if self.runtime == "onnx" else 1
+        workers = self.graph_workers if self.runtime in runtime_onnx.GRAPH_RUNTIMES else 1
         return runtime_onnx.run_side_by_side(self, batches, workers)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -545,7 +546,7 @@ def predict(model: nn.Module, image: Any, card: Any = None, *,
     runtime: "torch" (the default here: training, fine-tuning and evaluation change the weights
         between calls, and each new set of weights would be exported again), "onnx" (the exported
         graph, see runtime_onnx; the first call with new weights or a new tile size exports it into
-        the user's cache) or "auto" (the exported graph on the CPU when ONNX Runtime is installed
+        the user's cache), "openvino" (the same graph in OpenVINO, when installed) or "auto" (the exported graph on the CPU when ONNX Runtime is installed
         and the graph matches torch, else torch; what `segment` and the Segment widget use).
     runner: a ModelRunner to reuse across calls (skips copying/fusing the model each time; its
         device, precision and TTA settings then apply instead of the arguments here).

@@ -138,25 +138,26 @@ class CachedCheckpoint:
         except (AttributeError, OSError):
             return os.cpu_count() or 1
 
-    def runner(self, shape, *, threads: int, tta: bool = False, max_batch: int = 4
-               ) -> "GraphRunner | None":
-        """A GraphRunner for inputs (B, *shape), or None when no unchanged graph is cached."""
+    def runner(self, shape, *, threads: int, tta: bool = False, max_batch: int = 4,
+               runtime: str = "onnx") -> "GraphRunner | None":
+        """A GraphRunner for inputs (B, *shape), or None when no unchanged graph is cached.
+        runtime: the engine that runs the file, "onnx" (ONNX Runtime) or "openvino"."""
         info = self.graphs.get(shape_name(shape))
         if not info:
             return None
         graph_path = runtime_onnx.cache_dir() / str(info.get("file", ""))
-        key = (graph_path, int(threads))
+        key = (graph_path, int(threads), runtime)
         if key not in _opened:
             if not graph_path.is_file() or _file_sha256(graph_path) != info.get("sha256"):
                 return None
             workers, per_worker = runtime_onnx.thread_plan(threads)
-            session = runtime_onnx.open_session(graph_path, per_worker)
+            session = runtime_onnx.open_session(graph_path, per_worker, runtime, workers)
             _opened[key] = (runtime_onnx.ExportedGraph(session, graph_path, tuple(shape)), workers)
         graph, workers = _opened[key]
-        return GraphRunner(graph, tta=tta, max_batch=max_batch, workers=workers)
+        return GraphRunner(graph, tta=tta, max_batch=max_batch, workers=workers, runtime=runtime)
 
 
-_opened: dict[tuple[Path, int], tuple[runtime_onnx.ExportedGraph, int]] = {}
+_opened: dict[tuple[Path, int, str], tuple[runtime_onnx.ExportedGraph, int]] = {}
 
 
 def find(checkpoint: str | Path) -> CachedCheckpoint | None:
@@ -181,16 +182,16 @@ def find(checkpoint: str | Path) -> CachedCheckpoint | None:
 
 class GraphRunner:
     """(B, C, T, T) float32 numpy -> (B, K, T, T) probabilities through one cached graph, numpy
-    and ONNX Runtime only: what inference.ModelRunner does with runtime "onnx" (same chunks of
-    max_batch, same batches side by side), for `inference.predict(..., runner=...)`."""
+    and ONNX Runtime (or OpenVINO) only: what inference.ModelRunner does with runtime "onnx" /
+    "openvino" (same chunks of max_batch, same batches side by side), for
+    `inference.predict(..., runner=...)`."""
 
-    runtime = "onnx"
     uses_graph = True
     exported_graph = False
 
     def __init__(self, graph: runtime_onnx.ExportedGraph, *, tta: bool = False,
-                 max_batch: int = 4, workers: int = 1):
-        self.graph, self.tta = graph, tta
+                 max_batch: int = 4, workers: int = 1, runtime: str = "onnx"):
+        self.graph, self.tta, self.runtime = graph, tta, runtime
         self.max_batch = max(1, int(max_batch))
         self.graph_workers = max(1, int(workers))
 

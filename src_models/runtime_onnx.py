@@ -51,7 +51,10 @@ import numpy as np
 
 from .safe_write import write_atomic
 
-RUNTIMES = ("auto", "torch", "onnx")
+RUNTIMES = ("auto", "torch", "onnx", "openvino")
+# The runtimes that run the exported file (the same graph, cache, probe and fallback); "onnx" is
+# ONNX Runtime, "openvino" OpenVINO's CPU plugin (an optional extra: pip install openvino).
+GRAPH_RUNTIMES = ("onnx", "openvino")
 CACHE_ENV = "NAPARI_DCA_CACHE"
 RUNTIME_ENV = "NAPARI_DCA_RUNTIME"  # the default of user-facing entry points (tests set "torch")
 PROBE_TOLERANCE = 1e-4
@@ -60,6 +63,7 @@ PROBE_TOLERANCE = 1e-4
 EXPORT_FORMAT = 1
 OPSET = 18
 INSTALL_HINT = "pip install onnxruntime onnx onnxscript"
+OPENVINO_HINT = "pip install 'napari-dca[openvino]' (openvino)"
 # How many batches of tiles the exported graph runs at once (each on threads // workers threads);
 # 1 = one batch at a time on all threads.
 GRAPH_WORKERS_DEFAULT = 2
@@ -82,6 +86,16 @@ def runtime_available() -> bool:
     return _installed("onnxruntime")
 
 
+def openvino_available() -> bool:
+    """OpenVINO can run a cached graph (`--runtime openvino`)."""
+    return _installed("openvino")
+
+
+def engine_available(runtime: str) -> bool:
+    """The package that runs the exported file for a graph runtime is installed."""
+    return openvino_available() if runtime == "openvino" else runtime_available()
+
+
 def exporter_available() -> bool:
     """torch.onnx's dynamo exporter has what it needs (onnx and onnxscript)."""
     return _installed("onnx") and _installed("onnxscript")
@@ -100,11 +114,14 @@ def check_runtime(runtime: str) -> str:
 
 
 def resolve_runtime(runtime: str, device_type: str, precision: str = "auto") -> str:
-    """"torch" or "onnx" for a runtime choice on a device.
+    """"torch", "onnx" or "openvino" for a runtime choice on a device.
 
-    auto: the exported graph on the CPU when ONNX Runtime and the exporter are installed and the
-    precision is float32; torch on CUDA / MPS, for reduced precision, or when a package is missing.
-    onnx: the exported graph; ValueError when it cannot apply (GPU device, packages missing)."""
+    auto: the exported graph in ONNX Runtime on the CPU when it and the exporter are installed and
+    the precision is float32; torch on CUDA / MPS, for reduced precision, or when a package is
+    missing. (auto does not pick OpenVINO: measured in one run it was not faster end to end, see
+    benchmarks/results/runtime_openvino_loaded.md.)
+    onnx / openvino: the exported graph in that engine; ValueError when it cannot apply (GPU
+    device, reduced precision, package missing)."""
     runtime = check_runtime(runtime)
     float32 = precision in ("auto", "float32")
     if runtime == "torch":
@@ -113,13 +130,15 @@ def resolve_runtime(runtime: str, device_type: str, precision: str = "auto") -> 
         ok = device_type == "cpu" and float32 and runtime_available() and exporter_available()
         return "onnx" if ok else "torch"
     if device_type != "cpu":
-        raise ValueError(f"runtime 'onnx' runs on the CPU, but the device is {device_type!r}; "
+        raise ValueError(f"runtime {runtime!r} runs on the CPU, but the device is {device_type!r}; "
                          "use device cpu, or runtime torch / auto")
     if not float32:
-        raise ValueError(f"runtime 'onnx' runs float32 only, not precision {precision!r}")
-    if not runtime_available():
+        raise ValueError(f"runtime {runtime!r} runs float32 only, not precision {precision!r}")
+    if runtime == "openvino" and not openvino_available():
+        raise ValueError(f"runtime 'openvino' needs OpenVINO: {OPENVINO_HINT}")
+    if runtime == "onnx" and not runtime_available():
         raise ValueError(f"runtime 'onnx' needs ONNX Runtime: {INSTALL_HINT}")
-    return "onnx"
+    return runtime
 
 
 def cache_dir() -> Path:
@@ -209,8 +228,15 @@ def export_graph(model, input_shape: tuple[int, int, int], path: Path) -> None:
     write_atomic(path, lambda tmp: program.save(str(tmp), external_data=False))
 
 
-def open_session(path: Path, threads: int | None = None):
-    """An ONNX Runtime CPU session on `path`, `threads` intra-op threads (None: its default)."""
+def open_session(path: Path, threads: int | None = None, runtime: str = "onnx",
+                 workers: int = 1):
+    """A session on the exported file `path` with `.run(None, {"x": batch})` -> [logits].
+
+    onnx: an ONNX Runtime CPU session, `threads` intra-op threads (None: its default), shared by
+    the `workers` threads that call it. openvino: an OpenVINOSession with `workers` streams of
+    `threads` threads each."""
+    if runtime == "openvino":
+        return OpenVINOSession(path, streams=workers, threads=threads)
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -219,6 +245,39 @@ def open_session(path: Path, threads: int | None = None):
         options.intra_op_num_threads = int(threads)
     options.log_severity_level = 3  # errors only
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OpenVINOSession:
+    """The exported file compiled by OpenVINO's CPU plugin, called like an ONNX Runtime session.
+
+    `streams` infer requests, one per OpenVINO stream of `threads` threads (None: 1), wait in a
+    queue: each call takes a free one, so up to `streams` Python threads run batches side by side
+    (OpenVINO releases the GIL while it infers), as run_side_by_side does with one shared ONNX
+    Runtime session. Compiled float32 (no reduced-precision hint), so the probe's 1e-4 applies
+    as to ONNX Runtime. The output is copied out of the request before the request is reused."""
+
+    def __init__(self, path: Path, streams: int = 1, threads: int | None = None):
+        import queue
+        import openvino as ov
+        streams = max(1, int(streams))
+        per_stream = max(1, int(threads or 1))
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": streams,
+                  "INFERENCE_NUM_THREADS": streams * per_stream,
+                  "PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY"}
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self._free: "queue.Queue" = queue.Queue()
+        for _ in range(streams):
+            self._free.put(self.compiled.create_infer_request())
+
+    def run(self, _output_names, feeds: dict) -> list[np.ndarray]:
+        (batch,) = feeds.values()
+        request = self._free.get()
+        try:
+            logits = np.array(request.infer({0: batch})[0], dtype=np.float32, copy=True)
+        finally:
+            self._free.put(request)
+        return [logits]
 
 
 @contextlib.contextmanager
@@ -277,17 +336,21 @@ def _notice(message: str) -> None:
 
 
 def graph_for(model, input_shape: tuple[int, int, int], *, key: str | None = None,
-              threads: int | None = None, folder: Path | None = None) -> ExportedGraph | None:
+              threads: int | None = None, folder: Path | None = None, runtime: str = "onnx",
+              workers: int = 1) -> ExportedGraph | None:
     """The exported graph of `model` (eval, CPU, float32) for inputs (B, *input_shape): from the
     cache, else exported now and cached. `key` names the cache entry (default: key_for_model of
     `model` itself). Checked against torch on a probe batch either way (a cache file could be
     damaged or stale). None, with one RuntimeFallbackWarning, when it cannot be used.
+    runtime: the engine that runs the file ("onnx" or "openvino"; see open_session for threads
+    and workers); each engine's session is probed on its own.
     The export runs under export_lock, so processes sharing the cache export each graph once."""
     input_shape = tuple(int(s) for s in input_shape)
     try:
         key = key or key_for_model(model, input_shape, variant="as-given")
         path = (folder or cache_dir()) / f"{key}.onnx"
-        checked = _checked_sessions.get((path, threads))
+        opened_as = (path, threads, runtime, int(workers))
+        checked = _checked_sessions.get(opened_as)
         if checked is not None and path.is_file():  # already probed in this process
             return checked.reused()
         exported = False
@@ -300,7 +363,8 @@ def graph_for(model, input_shape: tuple[int, int, int], *, key: str | None = Non
                 if not path.is_file():  # else another process exported it while this one waited
                     export_graph(model, input_shape, path)
                     exported = True
-        graph = ExportedGraph(open_session(path, threads), path, input_shape, exported=exported)
+        graph = ExportedGraph(open_session(path, threads, runtime, workers), path, input_shape,
+                              exported=exported)
         diff = max_difference(model, graph, probe_batch(input_shape))
     except Exception as error:  # noqa: BLE001 - any failure means: stay in torch
         first = (str(error).strip().splitlines() or [""])[0][:200]
@@ -310,13 +374,13 @@ def graph_for(model, input_shape: tuple[int, int, int], *, key: str | None = Non
         _notice(f"exported graph disagrees with PyTorch (max |diff| {diff:.2e} > "
                 f"{PROBE_TOLERANCE:.0e}); running PyTorch")
         return None
-    _checked_sessions[(path, threads)] = graph
+    _checked_sessions[opened_as] = graph
     return graph
 
 
 # Graphs already opened and probed by this process, so that segmenting many images (one `predict`
 # each) opens and checks each graph once. A few entries at most: one per checkpoint and tile size.
-_checked_sessions: dict[tuple[Path, int | None], ExportedGraph] = {}
+_checked_sessions: dict[tuple, ExportedGraph] = {}
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -390,7 +454,8 @@ def default_threads() -> int | None:
     return None
 
 
-__all__ = ["RUNTIMES", "CACHE_ENV", "PROBE_TOLERANCE", "RuntimeFallbackWarning", "ExportedGraph",
+__all__ = ["RUNTIMES", "GRAPH_RUNTIMES", "OpenVINOSession", "openvino_available",
+           "engine_available", "CACHE_ENV", "PROBE_TOLERANCE", "RuntimeFallbackWarning", "ExportedGraph",
            "check_runtime", "default_runtime", "resolve_runtime", "cache_dir", "graph_for", "probabilities",
            "runtime_available", "exporter_available", "weights_digest", "model_digest",
            "key_for_model", "graph_key", "export_graph", "export_lock", "open_session",

@@ -318,3 +318,86 @@ def test_bundled_models_graph_matches_torch(name, cache):
     fast = predict(model, image, card, device="cpu", runtime="onnx")
     slow = predict(model, image, card, device="cpu", runtime="torch")
     assert np.abs(fast - slow).max() <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenVINO on the same exported file (an optional extra: skipped without it)
+# ----------------------------------------------------------------------------------------------
+
+needs_openvino = pytest.mark.skipif(not runtime_onnx.openvino_available(),
+                                    reason=f"OpenVINO not installed ({runtime_onnx.OPENVINO_HINT})")
+
+
+@needs_openvino
+def test_openvino_runs_the_cached_graph_with_torchs_outputs(tiny, fresh_process):
+    """The same cached file (no second export), probed and run by OpenVINO: predict's output
+    within the probe's 1e-4 of torch, two streams side by side giving one-at-a-time's output."""
+    card = {"tile_size": TILE}
+    image = rgb(150, 130)   # several tiles, a ragged last batch
+    runners = {w: ModelRunner(tiny, torch.device("cpu"), runtime="openvino", graph_workers=w)
+               for w in (1, 2)}
+    runners[2].graph_workers, runners[2].graph_threads = 2, 1   # as on a 2-thread machine
+    slow = predict(tiny, image, card, device="cpu", batch_size=3, runtime="torch")
+    outs = {w: predict(tiny, image, card, batch_size=3, runner=r) for w, r in runners.items()}
+    for w, runner in runners.items():
+        (graph,) = runner.graphs.values()
+        assert isinstance(graph.session, runtime_onnx.OpenVINOSession)
+        assert not graph.exported   # the file the onnx tests exported
+        assert np.abs(outs[w] - slow).max() <= 1e-4
+    np.testing.assert_allclose(outs[2], outs[1], atol=1e-6)
+
+
+@needs_openvino
+def test_openvino_graph_that_disagrees_falls_back_to_torch(tiny, monkeypatch, fresh_process):
+    monkeypatch.setattr(runtime_onnx, "max_difference", lambda *a: 3e-3)
+    runner = ModelRunner(tiny, torch.device("cpu"), runtime="openvino")
+    with pytest.warns(runtime_onnx.RuntimeFallbackWarning, match="disagrees"):
+        runner(RNG.normal(size=(1, 3, TILE, TILE)).astype(np.float32))
+    assert not runner.uses_graph
+
+
+def test_runtime_choice_openvino(monkeypatch):
+    monkeypatch.setattr(runtime_onnx, "openvino_available", lambda: True)
+    assert runtime_onnx.resolve_runtime("openvino", "cpu") == "openvino"
+    assert runtime_onnx.resolve_runtime("auto", "cpu") == "onnx"   # auto stays ONNX Runtime
+    with pytest.raises(ValueError, match="CPU"):
+        runtime_onnx.resolve_runtime("openvino", "cuda")
+    with pytest.raises(ValueError, match="float32"):
+        runtime_onnx.resolve_runtime("openvino", "cpu", "bfloat16")
+    monkeypatch.setattr(runtime_onnx, "openvino_available", lambda: False)
+    with pytest.raises(ValueError, match="pip install"):
+        runtime_onnx.resolve_runtime("openvino", "cpu")
+
+
+@needs_openvino
+def test_segment_runtime_openvino_fast_start_gives_the_labels_of_the_torch_path(tiny, tmp_path,
+                                                                               monkeypatch):
+    """`segment --runtime openvino`: the first run loads torch and records the graph; the next
+    one runs it in OpenVINO without torch's runner (the fast start), with the same labels."""
+    import imageio.v3 as iio
+    import tifffile
+
+    from napari_dca import _cli_segment, cli
+    from src_models import runtime_cached
+    from src_models.checkpoints import card_for, save_checkpoint
+    card = card_for(tiny, task="nuclei", tile_size=TILE, instance_params={"min_size": 1})
+    checkpoint = save_checkpoint(tiny, tmp_path / "tiny.safetensors", card)
+    iio.imwrite(tmp_path / "a.png", rgb(150, 140))
+    monkeypatch.setattr(runtime_onnx, "export_graph", None)  # the graph of these weights is cached
+    runtime_cached._opened.clear()
+    labels = {}
+    for run in ("first", "second"):
+        loaded = []
+        monkeypatch.setattr(_cli_segment._Engine, "load_torch",
+                            lambda self, real=_cli_segment._Engine.load_torch:
+                            (loaded.append(True), real(self))[1])
+        assert cli.main(["segment", str(tmp_path / "a.png"), "-o", str(tmp_path / run), "-c",
+                         str(checkpoint), "--runtime", "openvino", "--threads", "2",
+                         "--quiet"]) == 0
+        labels[run] = tifffile.imread(tmp_path / run / "a.png.labels.tif")
+        assert bool(loaded) == (run == "first")
+    np.testing.assert_array_equal(labels["second"], labels["first"])
+    assert labels["first"].max() > 0
+    runner = runtime_cached.find(checkpoint).runner((3, TILE, TILE), threads=2, runtime="openvino")
+    assert runner.runtime == "openvino"
+    assert isinstance(runner.graph.session, runtime_onnx.OpenVINOSession)

@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QLab
                             QSpinBox, QVBoxLayout, QWidget)
 from superqt import QLabeledDoubleSlider
 
-from src_models.runtime_onnx import default_runtime
+from src_models.runtime_onnx import default_runtime, openvino_available
 
 from ._common import (Connections, LayerCombo, UserError, add_layer_keeping_selection, alive, check_channels,
                       check_plane_image, current_plane, find_owned_layer, find_owned_layers,
@@ -280,6 +280,8 @@ class SegmentWidget(QWidget):
         self.runtime.addItem("auto (fast exported graph on the CPU)", "auto")
         self.runtime.addItem("torch (PyTorch)", "torch")
         self.runtime.addItem("onnx (exported graph, ONNX Runtime)", "onnx")
+        if openvino_available():   # an optional extra
+            self.runtime.addItem("openvino (exported graph, OpenVINO)", "openvino")
         self.runtime.setCurrentIndex(max(0, self.runtime.findData(default_runtime())))
         self.runtime.setToolTip("On a CPU the exported graph runs about twice as fast as PyTorch, "
                                 "with the same results. The first run of a model (or of new "
@@ -521,8 +523,8 @@ class SegmentWidget(QWidget):
         box = None if full else (region[0].start, region[0].stop, region[1].start, region[1].stop)
         threshold, min_size = self.threshold.value(), self.min_size.value()
         runtime = self.runtime.currentData()
-        if runtime == "onnx" and str(device) != "cpu":
-            show_error(f"The onnx runtime runs on the CPU; the model is on {device}. "
+        if runtime in ("onnx", "openvino") and str(device) != "cpu":
+            show_error(f"The {runtime} runtime runs on the CPU; the model is on {device}. "
                        "Choose auto or torch, or the CPU in the Model widget.")
             return
         old = self.state.results.get(source)

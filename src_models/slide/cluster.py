@@ -107,7 +107,8 @@ def plan_slide_task(slide: str, out_dir: str, checkpoint: Any, options: dict,
     # the runtime every worker resolves (the same installation everywhere), without exporting
     runtime = resolve_runtime(options.get("runtime", "torch"),
                               select_device(options.get("device", "cpu")).type, "auto")
-    return plan_slide(slide, card, out_dir, runtime="onnx" if runtime == "onnx" else "torch",
+    return plan_slide(slide, card, out_dir,
+                      runtime="onnx" if runtime in ("onnx", "openvino") else "torch",
                       **{k: options[k] for k in _PLAN_OPTIONS if k in options})
 
 

@@ -285,11 +285,13 @@ def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, 
     if runner is None:
         runner, graph = slide_runner(model, card, device=device, runtime=runtime, tta=tta,
                                      batch_size=batch_size, tile_size=tile_size)
-    graph = graph or ("onnx" if runner.runtime == "onnx" else "torch")
+    # openvino runs the same exported graph: recorded as "onnx" (the plan's graph / torch marker)
+    exported = runner.runtime in ("onnx", "openvino")
+    graph = graph or ("onnx" if exported else "torch")
     plan = plan_slide(path, card, out_dir, mode=mode, threshold=threshold, min_size=min_size,
                       tile_size=tile_size, overlap=overlap, tissue=tissue, chunk=chunk,
                       margin=margin, region=region, checkpoint_name=checkpoint_name,
-                      runtime="onnx" if runner.runtime == "onnx" else "torch")
+                      runtime="onnx" if exported else "torch")
     with open_slide(path) as slide:
         return finish_slide(plan, slide, lambda core: core_part(plan, slide, core, model, card,
                                                                 runner, batch_size),

@@ -25,7 +25,8 @@ def slide_runner(model: Any, card: Any, *, device: str = "cpu", runtime: str = "
     from ..inference import DEFAULT_TILE_SIZE, ModelRunner, card_value, select_device
     runner = ModelRunner(model, select_device(device), tta=tta, max_batch=batch_size,
                          runtime=runtime)
-    if runner.runtime != "onnx":
+    from ..runtime_onnx import GRAPH_RUNTIMES
+    if runner.runtime not in GRAPH_RUNTIMES:
         return runner, "torch"
     tile = int(tile_size or card_value(card, "tile_size", DEFAULT_TILE_SIZE))
     config = getattr(model, "config", None) or card_value(card, "model_kwargs", {}) or {}
