@@ -43,7 +43,8 @@ def test_loss_decreases_and_original_is_untouched(tiny):
     image, labels = toy_image()
     before = weights(tiny)
     seen = []
-    res = finetune(tiny, image, labels, steps=25, lr=3e-3, tile_size=TILE,
+    # an untrained model learns with all its layers (by default 8 objects train the decoder only)
+    res = finetune(tiny, image, labels, steps=25, lr=3e-3, tile_size=TILE, train="all",
                    progress=lambda s, n, loss: seen.append((s, n)))
     assert isinstance(res, FinetuneResult) and res.steps_done == 25 and not res.cancelled
     assert seen[0] == (1, 25) and seen[-1] == (25, 25)
@@ -535,3 +536,91 @@ def test_postprocessing_rechoice_moves_the_marker_threshold_of_an_instance_head(
     box = (slice(0, 40), slice(0, 60))
     best, value = choose_postprocessing(prob, box, labels, np.ones(labels.shape, bool), card, start, 10)
     assert best.marker_threshold == 0.5 and value == 1.0
+
+
+def test_whole_check_objects_never_trains_on_part_of_a_held_back_object():
+    # GlaS train_18: a held-back gland crossed the cut, and its pixels on the trained-on side were
+    # trained on. With whole_check_objects every crossed object goes to one side whole.
+    from src_models.finetune_check import whole_objects_check
+    labels = np.zeros((40, 20), np.int32)
+    labels[2:8, 2:8] = 1          # trained on
+    labels[24:36, 2:8] = 2        # wholly held back
+    labels[26:36, 12:18] = 3      # crosses the cut at row 28, mostly below: held back whole
+    labels[20:29, 12:18] = 4      # crosses the cut, mostly above: trained on whole
+    valid = np.ones(labels.shape, bool)
+    strip = np.zeros(labels.shape, bool)
+    strip[28:] = True
+    check = whole_objects_check(valid, labels, strip)
+    assert check[labels == 2].all() and check[labels == 3].all()
+    assert not check[(labels == 1) | (labels == 4)].any()
+    assert (check == strip)[labels == 0].all()                  # background stays where it was cut
+    for i in (1, 2, 3, 4):                                       # each object on one side only
+        assert check[labels == i].all() or not check[labels == i].any()
+    # ids far beyond the image's size are ranks, not array sizes
+    big = np.where(labels > 0, labels + 2**30, 0)
+    np.testing.assert_array_equal(whole_objects_check(valid, big, strip), check)
+    # a cut that would leave nothing to train on is not moved
+    only = np.where(labels == 3, 3, 0)
+    np.testing.assert_array_equal(whole_objects_check(valid, only, strip), strip)
+
+
+def test_whole_check_objects_round_trains_on_none_of_the_held_back_objects():
+    image, labels = nuclei_grid()
+    labels = labels.copy()
+    labels[30:64, 30:35] = 99             # a tall object between the disks: every cut crosses it
+    from src_models.finetune_check import split_check, whole_objects_check
+    valid = np.ones(labels.shape, bool)
+    strip = split_check(valid, labels, 0.25)
+    crossed = [i for i in np.unique(labels[strip & (labels > 0)]) if (~strip[labels == i]).any()]
+    assert crossed                                   # the plain strip cuts through an object
+    check = whole_objects_check(valid, labels, strip)
+    held_ids = np.unique(labels[check & (labels > 0)])
+    assert held_ids.size and not (np.isin(labels, held_ids) & ~check).any()
+    res = finetune(DarknessModel(), image, labels, steps=2, lr=1e-3, tile_size=TILE,
+                   card=toy_card(), replay=None, whole_check_objects=True)
+    assert res.corrections["held_back_pixels"] == int(check.sum())
+    assert res.corrections["whole_check_objects"] is True
+    plain = finetune(DarknessModel(), image, labels, steps=2, lr=1e-3, tile_size=TILE,
+                     card=toy_card(), replay=None)
+    assert plain.corrections["held_back_pixels"] == int(strip.sum()) != int(check.sum())
+
+
+def test_anchor_keeps_the_round_closer_to_its_starting_weights(tiny):
+    image, labels = toy_image()
+    start = weights(tiny)
+
+    def drift(res):
+        return sum(float((v.float() - start[k].float()).pow(2).sum())
+                   for k, v in res.trained.state_dict().items() if v.is_floating_point())
+
+    free = finetune(tiny, image, labels, steps=8, lr=1e-2, tile_size=TILE)
+    held = finetune(tiny, image, labels, steps=8, lr=1e-2, tile_size=TILE, anchor=100.0)
+    assert drift(held) < 0.8 * drift(free)
+    assert held.corrections["anchor"] == 100.0 and free.corrections["anchor"] == 0.0
+    same = finetune(tiny, image, labels, steps=8, lr=1e-2, tile_size=TILE, anchor=0.0)
+    for (k, v), (_, w) in zip(free.trained.state_dict().items(), same.trained.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_by_default_a_round_on_few_objects_trains_the_decoder_only(tiny):
+    from src_models.finetune import DECODER_ONLY_BELOW
+    prefixes = encoder_prefixes(tiny)
+    start = weights(tiny)
+
+    def encoder_moved(res):
+        return any(not torch.equal(v, start[k]) for k, v in res.trained.state_dict().items()
+                   if k.startswith(prefixes) and v.is_floating_point())
+
+    image, labels = toy_image()                               # 8 objects
+    few = finetune(tiny, image, labels, steps=2, lr=1e-2, tile_size=TILE, replay=None)
+    assert few.corrections["train"] == "decoder" and not encoder_moved(few)
+    image, labels = nuclei_grid(160)                          # 100 objects, >= 60 trained on
+    assert np.unique(labels).size - 1 >= DECODER_ONLY_BELOW / 0.6
+    many = finetune(tiny, image, labels, steps=2, lr=1e-2, tile_size=TILE, replay=None)
+    assert many.corrections["train"] == "all" and encoder_moved(many)
+    forced = finetune(tiny, *toy_image(), steps=2, lr=1e-2, tile_size=TILE, replay=None, train="all")
+    assert forced.corrections["train"] == "all" and encoder_moved(forced)
+    # an architecture whose encoder cannot be told trains all its layers, as before
+    dark = finetune(DarknessModel(), *nuclei_grid(), steps=1, lr=1e-3, tile_size=TILE,
+                    card=toy_card(), replay=None)
+    assert dark.corrections["train"] == "all"

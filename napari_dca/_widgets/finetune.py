@@ -223,9 +223,11 @@ class FinetuneWidget(QWidget):
         self.lr.setSingleStep(1e-4)
         self.lr.setValue(remembered("finetune/lr", 3e-4))
         self.train = QComboBox()
+        # "auto": the engine's default (decoder only on a few corrected objects, e.g. glands)
+        self.train.addItem("automatic (decoder only on few objects)", "auto")
         self.train.addItem("all layers", "all")
         self.train.addItem("decoder only (encoder frozen)", "decoder")
-        idx = self.train.findData(remembered("finetune/train", "all"))
+        idx = self.train.findData(remembered("finetune/train", "auto"))
         self.train.setCurrentIndex(max(idx, 0))
         self.run_button = QPushButton("Fine-tune")
         self.jobs = JobPanel(state=self.state, unit="step")
@@ -401,7 +403,8 @@ class FinetuneWidget(QWidget):
                 result.make_labels()
                 return result
 
-            out = finetune(old_model, image, labels, region=valid, steps=steps, lr=lr, train=train,
+            out = finetune(old_model, image, labels, region=valid, steps=steps, lr=lr,
+                           train=None if train == "auto" else train,
                            card=old_card, progress=progress, cancel=cancel.is_set)
             if not getattr(out, "kept", True):  # the engine rolled the round back: nothing changes
                 return out, None, None, None, None
