@@ -1,12 +1,14 @@
 """The exported-graph runtime: a model's forward pass exported to ONNX and run by ONNX Runtime.
 
-Why ONNX Runtime (and not OpenVINO, which also reads the exported file): measured in one run,
-alternating, on this project's 2-core CPU (`benchmarks/bench_runtime.py --openvino`, tables in
-benchmarks/results/README.md), both run the bundled models 1.7-3.4x faster than eager PyTorch, and
-neither is ahead consistently: OpenVINO was 5-15% faster on the bundled models in the loaded runs
-here, ONNX Runtime as fast or faster on the paper-configuration U-Net, and the issue's quieter
-measurement had ONNX Runtime ahead on `nuclei`. With speed a tie, the smaller dependency wins:
-ONNX Runtime installs 78 MB against OpenVINO's 180 MB, and runs the cached file with numpy alone.
+Why ONNX Runtime by default, and OpenVINO only when asked (`runtime="openvino"`, which runs the
+same exported file): measured in one run, alternating, on this project's 2-core CPU
+(`benchmarks/bench_runtime.py --openvino`, benchmarks/results/runtime_openvino_loaded.md), the two
+are within 0-7% of each other as `predict` runs them (two batches side by side, one thread each):
+OpenVINO a few percent faster on the bundled models, ONNX Runtime as fast at the paper
+configuration; one batch at a time OpenVINO is 7-21% faster. OpenVINO costs more to start (import
+1.2 s against 0.5 s, compiling a graph 0.7 s against 0.1 s), which a fresh `segment` process pays,
+and is a larger dependency (180 MB against 78 MB), so it is an optional extra and `auto` stays
+ONNX Runtime. Both engines are probed against torch the same way.
 
     model (+ its input shape) --sha256 of weights, architecture, config, shape, exporter--> key
     key -> <cache>/<key>.onnx  (exported once: torch.onnx.export(dynamo=True), dynamic batch)
