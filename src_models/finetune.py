@@ -26,7 +26,8 @@ from .augment import flip_rot90
 from .finetune_check import (DICE_MARGIN, REPLAY_TOLERANCE, RegionScore, choose_postprocessing,
                              crop_probabilities, informative_objects, judge_round, region_box,
                              region_probabilities, replay_crops, score_region, score_replay,
-                             score_text, split_check, whole_objects_check)
+                             score_text, split_check, whole_objects_check,
+                             crossing_objects)
 from .inference import predict
 from .losses import dice_ce_loss, labels_to_target, touching_gap_weights
 from .targets import HEADS, card_target, head_channels, head_of
@@ -299,7 +300,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
              warmup_steps: int = 0, check_fraction: float = 0.25,
              replay_tolerance: float = REPLAY_TOLERANCE, dice_margin: float = DICE_MARGIN,
              rechoose_postprocessing: bool = True, settings_alone: bool = True,
-             anchor: float = 0.0, whole_check_objects: bool = False,
+             anchor: float = 0.0, crossing: str = "split",
              device: str = "cpu") -> FinetuneResult:
     """One safe round: train a copy of `model` on corrected labels of one image, check it on the part
     of the corrections it did not train on (and on the model's training data), keep it only if it
@@ -324,9 +325,11 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     anchor: strength of an L2 pull of every trained weight towards its value before the round
     ("L2-SP": the gradient of anchor/2 * ||w - w_start||^2 joins the loss's), so a round cannot
     move far from the model it starts from; 0 (default) is off.
-    whole_check_objects: an object the cut between the held-back and the trained-on part crosses
-    goes to one side whole (the side that holds most of its reviewed pixels), so no held-back
-    object is partly trained on and no trained-on object is partly checked.
+    crossing: what becomes of a corrected object that the cut between the held-back and the
+    trained-on part crosses: "split" (default) its pixels on each side count for that side;
+    "move" it goes to one side whole (the side with most of its reviewed pixels); "untrained" it is
+    trained on nowhere, and the check keeps its held-back pixels. With "move" or "untrained" no
+    held-back object is ever partly trained on.
 
     The check: about `check_fraction` of the reviewed region (its far end along the longer side, cut
     between objects, grown up to 40% until it holds two objects; `finetune_check.split_check`) is
@@ -369,9 +372,15 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
                          f"({channels} output channel(s); heads: {HEADS})")
     corrections = describe_corrections(image, labels, valid, region)
     check = split_check(valid, labels, check_fraction)
-    if whole_check_objects:
+    if crossing not in ("split", "move", "untrained"):
+        raise ValueError(f"crossing must be 'split', 'move' or 'untrained', got {crossing!r}")
+    if crossing == "move":
         check = whole_objects_check(valid, labels, check)
     train_valid = valid & ~check
+    if crossing == "untrained" and check.any():
+        kept_out = train_valid & ~crossing_objects(valid, labels, check)
+        if np.any(labels[kept_out] > 0):   # never leave nothing to train on
+            train_valid = kept_out
     if train is None:
         from .instances import InstanceParams
         objects = InstanceParams.from_card(card).mode != "semantic"   # else labels are class ids
@@ -451,7 +460,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     corrections.update({"steps": steps_done, "lr": lr, "train": train, "tile_size": tile,
                         "batch_size": batch_size, "seed": seed, "gap_weight": gap,
                         "warmup_steps": warm, "anchor": anchor,
-                        "whole_check_objects": bool(whole_check_objects),
+                        "crossing": crossing,
                         "replay_images": len(replayer.items) if replayer is not None else 0,
                         "final_loss": history[-1] if history else None, "stopped": stopped,
                         "held_back_pixels": int(check.sum())})

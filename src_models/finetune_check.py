@@ -121,6 +121,15 @@ def whole_objects_check(valid: np.ndarray, labels: np.ndarray, check: np.ndarray
     return out.reshape(check.shape)
 
 
+def crossing_objects(valid: np.ndarray, labels: np.ndarray, check: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the reviewed pixels of every labelled object that has reviewed pixels both in
+    `check` and outside it (an object the cut between held-back and trained-on part crosses)."""
+    valid, check = np.asarray(valid, bool), np.asarray(check, bool)
+    inside = np.where(valid, labels, 0)
+    both = np.intersect1d(inside[check & (inside > 0)], inside[~check & (inside > 0)])
+    return np.isin(inside, both) & (inside > 0)
+
+
 def hold_back_objects(valid: np.ndarray, labels: np.ndarray, fraction: float, axis: int,
                       margin: int = 8) -> np.ndarray:
     """When a strip cannot be cut (e.g. no object lies at the far end): the object farthest along

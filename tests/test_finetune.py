@@ -538,9 +538,9 @@ def test_postprocessing_rechoice_moves_the_marker_threshold_of_an_instance_head(
     assert best.marker_threshold == 0.5 and value == 1.0
 
 
-def test_whole_check_objects_never_trains_on_part_of_a_held_back_object():
+def test_crossing_move_never_trains_on_part_of_a_held_back_object():
     # GlaS train_18: a held-back gland crossed the cut, and its pixels on the trained-on side were
-    # trained on. With whole_check_objects every crossed object goes to one side whole.
+    # trained on. With crossing="move" every crossed object goes to one side whole.
     from src_models.finetune_check import whole_objects_check
     labels = np.zeros((40, 20), np.int32)
     labels[2:8, 2:8] = 1          # trained on
@@ -564,7 +564,7 @@ def test_whole_check_objects_never_trains_on_part_of_a_held_back_object():
     np.testing.assert_array_equal(whole_objects_check(valid, only, strip), strip)
 
 
-def test_whole_check_objects_round_trains_on_none_of_the_held_back_objects():
+def test_crossing_move_round_trains_on_none_of_the_held_back_objects():
     image, labels = nuclei_grid()
     labels = labels.copy()
     labels[30:64, 30:35] = 99             # a tall object between the disks: every cut crosses it
@@ -577,9 +577,9 @@ def test_whole_check_objects_round_trains_on_none_of_the_held_back_objects():
     held_ids = np.unique(labels[check & (labels > 0)])
     assert held_ids.size and not (np.isin(labels, held_ids) & ~check).any()
     res = finetune(DarknessModel(), image, labels, steps=2, lr=1e-3, tile_size=TILE,
-                   card=toy_card(), replay=None, whole_check_objects=True)
+                   card=toy_card(), replay=None, crossing="move")
     assert res.corrections["held_back_pixels"] == int(check.sum())
-    assert res.corrections["whole_check_objects"] is True
+    assert res.corrections["crossing"] == "move"
     plain = finetune(DarknessModel(), image, labels, steps=2, lr=1e-3, tile_size=TILE,
                      card=toy_card(), replay=None)
     assert plain.corrections["held_back_pixels"] == int(strip.sum()) != int(check.sum())
@@ -624,3 +624,36 @@ def test_by_default_a_round_on_few_objects_trains_the_decoder_only(tiny):
     dark = finetune(DarknessModel(), *nuclei_grid(), steps=1, lr=1e-3, tile_size=TILE,
                     card=toy_card(), replay=None)
     assert dark.corrections["train"] == "all"
+
+
+def test_crossing_untrained_trains_on_no_object_the_cut_crosses(monkeypatch):
+    import src_models.finetune as F
+    from src_models.finetune_check import crossing_objects, split_check
+    image, labels = nuclei_grid()
+    labels = labels.copy()
+    labels[30:64, 30:35] = 99             # a tall object between the disks: every cut crosses it
+    valid = np.ones(labels.shape, bool)
+    strip = split_check(valid, labels, 0.25)
+    crossed = crossing_objects(valid, labels, strip)
+    assert crossed.any() and set(np.unique(labels[crossed])) == {99}
+    seen = []
+
+    class Recording(F.CorrectionSampler):
+        def __init__(self, image, labels, valid, *a, **k):
+            seen.append((labels.copy(), valid.copy()))
+            super().__init__(image, labels, valid, *a, **k)
+
+    monkeypatch.setattr(F, "CorrectionSampler", Recording)
+    res = finetune(DarknessModel(), image, labels, steps=1, lr=1e-3, tile_size=TILE,
+                   card=toy_card(), replay=None, crossing="untrained")
+    trained_labels, trained_valid = seen[0]
+    assert not trained_valid[labels == 99].any() and not (trained_labels == 99).any()
+    assert not (trained_valid & strip).any()
+    assert res.corrections["held_back_pixels"] == int(strip.sum())   # the check itself is unchanged
+    assert res.corrections["crossing"] == "untrained"
+    seen.clear()
+    finetune(DarknessModel(), image, labels, steps=1, lr=1e-3, tile_size=TILE, card=toy_card(),
+             replay=None)                                             # "split": trained on its part
+    assert seen[0][1][labels == 99].any()
+    with pytest.raises(ValueError, match="crossing"):
+        finetune(DarknessModel(), image, labels, steps=1, card=toy_card(), crossing="drop")
