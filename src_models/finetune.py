@@ -5,9 +5,10 @@ asks the model to learn from it. `finetune` trains a deep copy of the model (the
 untouched, so the round can be reverted) on random tile-sized crops of that image, with exact
 flips / 90-degree rotations, Dice + cross-entropy counted only on reviewed pixels, AdamW at a low
 learning rate. BatchNorm layers stay in eval mode: a handful of corrected tiles must not overwrite
-running statistics gathered over a whole training set. Optionally only the decoder side trains
-(`train="decoder"`), and tiles from the model's own training data can be mixed in ("replay") so the
-model does not forget what it knew.
+running statistics gathered over a whole training set. Only the decoder side trains
+(`train="decoder"`) by default when the corrections hold few objects (`DECODER_ONLY_BELOW`), and
+tiles from the model's own training data are mixed in ("replay") so the model does not forget what
+it knew.
 """
 from __future__ import annotations
 
