@@ -9,6 +9,7 @@ metrics.score_all), so the numbers are the evaluate command's numbers.
         benchmarks/results/heads/glands_three_class_long/val/evaluation.json   # card settings = shipped table?
     python benchmarks/bench_post.py score glands --split val --set '{"grow": 2}' [--set ...]
     python benchmarks/bench_post.py grid glands --split train --grid '{"marker_opening": [0, 2, 4]}'
+    python benchmarks/bench_post.py time glands --set '{}' --set '{"grow": 3}'   # instance-step time, a/b
 
 Splits: "train" = the card's recorded training images, "val" = its validation images; the
 validation split is only ever scored, never searched (the grid command refuses it). Settings are
@@ -186,9 +187,30 @@ def grid(task: str, split: str, grid_spec: dict, base: dict, full: bool = False,
     return rows
 
 
+def time_step(task: str, split: str, a: dict, b: dict, repeats: int = 3) -> None:
+    """Instance-step seconds per image, settings a against b, alternating a/b per image and
+    repeat (fresh InstanceMaker each time, so nothing is cached); medians over images."""
+    from src_models.instances import InstanceMaker
+    data = Cached(task, split)
+    times = {"a": [], "b": []}
+    for prob in data.probs:
+        per = {"a": [], "b": []}
+        for _ in range(repeats):
+            for key, s in (("a", a), ("b", b)):
+                t0 = time.perf_counter()
+                InstanceMaker(prob, data.card, mode=task, **s).labels()
+                per[key].append(time.perf_counter() - t0)
+        for key in per:
+            times[key].append(float(np.median(per[key])))
+    ta, tb = np.median(times["a"]), np.median(times["b"])
+    print(f"{task} {split}, {len(data.probs)} images {data.probs[0].shape[1:]}, load average "
+          f"{os.getloadavg()[0]:.1f}: a {json.dumps(a)} {ta:.3f} s, b {json.dumps(b)} {tb:.3f} s "
+          f"(median per image), b/a {tb / ta:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=("cache", "check", "score", "grid"))
+    ap.add_argument("command", choices=("cache", "check", "score", "grid", "time"))
     ap.add_argument("task", choices=("glands", "nuclei"))
     ap.add_argument("shipped", nargs="?", help="check: the shipped evaluation.json")
     ap.add_argument("--split", default="val", choices=("train", "val"))
@@ -207,6 +229,9 @@ def main() -> None:
         check(args.task, args.shipped)
     elif args.command == "score":
         score(args.task, args.split, [json.loads(s) for s in args.set], args.out)
+    elif args.command == "time":
+        sets = [json.loads(x) for x in args.set]
+        time_step(args.task, args.split, sets[0] if len(sets) > 1 else {}, sets[-1])
     else:
         grid(args.task, args.split, json.loads(args.grid), json.loads(args.base), args.full,
              args.one_at_a_time)

@@ -127,3 +127,39 @@ def test_new_settings_default_to_the_previous_behaviour_and_reject_unknown_choic
         InstanceParams.from_card({"instance_params": {"unseeded": "merge"}})
     with pytest.raises(ValueError, match="small_objects"):
         InstanceParams.from_card({"instance_params": {"small_objects": "keep"}})
+
+
+def test_chunked_slide_path_labels_like_the_whole_image_with_the_new_settings():
+    from src_models.chunked_instances import chunked_labels
+    yy, xx = np.mgrid[:160, :200]
+    obj = np.zeros((160, 200), bool)
+    for cy, cx in ((40, 64), (64, 130), (120, 40), (128, 128)):   # some straddle the 64-px chunks
+        obj |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 15 ** 2
+    from scipy import ndimage as ndi
+    inner = ndi.binary_erosion(obj, iterations=2)
+    prob = three_class(inner, obj & ~inner)
+    card = {"task": "glands", "head": "three_class",
+            "instance_params": {"min_size": 20, "grow": 2, "min_mean_prob": 0.8, "marker_opening": 1}}
+    whole = InstanceMaker(prob, card).labels()
+    chunked = chunked_labels(prob, lambda w: InstanceMaker(w, card)._derive(InstanceMaker(w, card).params),
+                             "join", chunk=64, margin=16)
+    assert whole.max() == chunked.max() == 4
+    assert np.array_equal(whole > 0, chunked > 0)
+    pairs = np.unique(np.stack([whole[whole > 0], chunked[chunked > 0]], 1), axis=0)
+    assert len(pairs) == 4                                  # the same four objects
+
+
+def test_tune_instances_reads_extra_fields_with_their_types():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "tune_instances.py"
+    spec = importlib.util.spec_from_file_location("tune_instances_script", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    got = tune.parse_extras(["grow=0,2", "unseeded=keep,drop", "boundary_weight=0,1",
+                             "fill_holes=true,false"], InstanceParams)
+    assert got == {"grow": [0, 2], "unseeded": ["keep", "drop"], "boundary_weight": [0.0, 1.0],
+                   "fill_holes": [True, False]}
+    assert isinstance(got["grow"][1], int) and isinstance(got["boundary_weight"][1], float)
+    with pytest.raises(SystemExit):
+        tune.parse_extras(["no_such_field=1"], InstanceParams)
