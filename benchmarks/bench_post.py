@@ -187,13 +187,17 @@ def grid(task: str, split: str, grid_spec: dict, base: dict, full: bool = False,
     return rows
 
 
-def time_step(task: str, split: str, a: dict, b: dict, repeats: int = 3) -> None:
+def time_step(task: str, split: str, a: dict, b: dict, repeats: int = 3, size: int = 0) -> None:
     """Instance-step seconds per image, settings a against b, alternating a/b per image and
-    repeat (fresh InstanceMaker each time, so nothing is cached); medians over images."""
+    repeat (fresh InstanceMaker each time, so nothing is cached); medians over images. size:
+    reflect-pad each probability map to at least size x size first (a 1000x1000 stand-in)."""
     from src_models.instances import InstanceMaker
     data = Cached(task, split)
     times = {"a": [], "b": []}
     for prob in data.probs:
+        if size:
+            pad = [(0, 0)] + [(0, max(0, size - n)) for n in prob.shape[1:]]
+            prob = np.pad(prob, pad, mode="reflect")
         per = {"a": [], "b": []}
         for _ in range(repeats):
             for key, s in (("a", a), ("b", b)):
@@ -203,7 +207,8 @@ def time_step(task: str, split: str, a: dict, b: dict, repeats: int = 3) -> None
         for key in per:
             times[key].append(float(np.median(per[key])))
     ta, tb = np.median(times["a"]), np.median(times["b"])
-    print(f"{task} {split}, {len(data.probs)} images {data.probs[0].shape[1:]}, load average "
+    shape = prob.shape[1:]
+    print(f"{task} {split}, {len(data.probs)} images {shape}, load average "
           f"{os.getloadavg()[0]:.1f}: a {json.dumps(a)} {ta:.3f} s, b {json.dumps(b)} {tb:.3f} s "
           f"(median per image), b/a {tb / ta:.2f}x")
 
@@ -220,6 +225,7 @@ def main() -> None:
     ap.add_argument("--one-at-a-time", action="store_true", help="grid: vary one field at a time")
     ap.add_argument("--full", action="store_true", help="grid: report every score, not only the criterion")
     ap.add_argument("--out", help="score: also write the reports as JSON here")
+    ap.add_argument("--size", type=int, default=0, help="time: reflect-pad the maps to SIZE x SIZE")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -231,7 +237,7 @@ def main() -> None:
         score(args.task, args.split, [json.loads(s) for s in args.set], args.out)
     elif args.command == "time":
         sets = [json.loads(x) for x in args.set]
-        time_step(args.task, args.split, sets[0] if len(sets) > 1 else {}, sets[-1])
+        time_step(args.task, args.split, sets[0] if len(sets) > 1 else {}, sets[-1], size=args.size)
     else:
         grid(args.task, args.split, json.loads(args.grid), json.loads(args.base), args.full,
              args.one_at_a_time)
