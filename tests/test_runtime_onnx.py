@@ -17,6 +17,9 @@ pytestmark = pytest.mark.skipif(
 
 TILE = 64
 RNG = np.random.default_rng(3)
+# OpenVINO runs the same exported file (an optional extra: its tests skip without it)
+needs_openvino = pytest.mark.skipif(not runtime_onnx.openvino_available(),
+                                    reason=f"OpenVINO not installed ({runtime_onnx.OPENVINO_HINT})")
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +132,10 @@ def test_a_failing_export_falls_back_to_torch_with_one_notice(tiny, monkeypatch)
     np.testing.assert_allclose(out, reference, atol=1e-6)
 
 
-def test_a_graph_that_disagrees_with_torch_is_not_used(tiny, monkeypatch, fresh_process):
+@pytest.mark.parametrize("runtime", ["onnx", pytest.param("openvino", marks=needs_openvino)])
+def test_a_graph_that_disagrees_with_torch_is_not_used(tiny, monkeypatch, fresh_process, runtime):
     monkeypatch.setattr(runtime_onnx, "max_difference", lambda *a: 3e-3)
-    runner = ModelRunner(tiny, torch.device("cpu"), runtime="onnx")
+    runner = ModelRunner(tiny, torch.device("cpu"), runtime=runtime)
     with pytest.warns(runtime_onnx.RuntimeFallbackWarning, match="disagrees"):
         runner(RNG.normal(size=(1, 3, TILE, TILE)).astype(np.float32))
     assert not runner.uses_graph
@@ -324,9 +328,6 @@ def test_bundled_models_graph_matches_torch(name, cache):
 # OpenVINO on the same exported file (an optional extra: skipped without it)
 # ----------------------------------------------------------------------------------------------
 
-needs_openvino = pytest.mark.skipif(not runtime_onnx.openvino_available(),
-                                    reason=f"OpenVINO not installed ({runtime_onnx.OPENVINO_HINT})")
-
 
 @needs_openvino
 def test_openvino_runs_the_cached_graph_with_torchs_outputs(tiny, fresh_process):
@@ -345,15 +346,6 @@ def test_openvino_runs_the_cached_graph_with_torchs_outputs(tiny, fresh_process)
         assert not graph.exported   # the file the onnx tests exported
         assert np.abs(outs[w] - slow).max() <= 1e-4
     np.testing.assert_allclose(outs[2], outs[1], atol=1e-6)
-
-
-@needs_openvino
-def test_openvino_graph_that_disagrees_falls_back_to_torch(tiny, monkeypatch, fresh_process):
-    monkeypatch.setattr(runtime_onnx, "max_difference", lambda *a: 3e-3)
-    runner = ModelRunner(tiny, torch.device("cpu"), runtime="openvino")
-    with pytest.warns(runtime_onnx.RuntimeFallbackWarning, match="disagrees"):
-        runner(RNG.normal(size=(1, 3, TILE, TILE)).astype(np.float32))
-    assert not runner.uses_graph
 
 
 def test_runtime_choice_openvino(monkeypatch):
