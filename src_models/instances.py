@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 from scipy import ndimage as ndi
 
+from .metrics import relabel_sequential
 from .targets import HEADS, check_head, head_of, interior_score  # noqa: F401 - HEADS: card_schema reads it here
 
 MODES = ("nuclei", "glands", "semantic")
@@ -210,16 +211,8 @@ def split_necks(markers: np.ndarray, h: float) -> np.ndarray:
     split = watershed(-dist, seeds, mask=markers > 0)
     # Pair each piece with its region so that a watershed line never joins two regions.
     pieces = split.astype(np.int64) * (int(markers.max()) + 1) + markers
-    out, _ = _renumber(np.where(markers > 0, pieces, 0))
-    return out
-
-
-def _renumber(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    ids, inverse = np.unique(labels, return_inverse=True)
-    inverse = inverse.reshape(labels.shape).astype(np.int32)
-    if ids[0] != 0:
-        inverse += 1
-    return inverse, int(inverse.max())
+    out, _ = relabel_sequential(np.where(markers > 0, pieces, 0))
+    return out.astype(np.int32)
 
 
 def flood(image: np.ndarray, markers: np.ndarray, mask: np.ndarray,
