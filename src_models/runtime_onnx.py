@@ -8,7 +8,10 @@ OpenVINO a few percent faster on the bundled models, ONNX Runtime as fast at the
 configuration; one batch at a time OpenVINO is 7-21% faster. OpenVINO costs more to start (import
 1.2 s against 0.5 s, compiling a graph 0.7 s against 0.1 s), which a fresh `segment` process pays,
 and is a larger dependency (180 MB against 78 MB), so it is an optional extra and `auto` stays
-ONNX Runtime. Both engines are probed against torch the same way.
+ONNX Runtime. One quiet run at the end of session 6 had OpenVINO ahead in every row (whole
+2048x2048 segment warmed 1.66x / 1.45x torch against ONNX Runtime's 1.37x / 1.20x;
+benchmarks/results/quiet_session6.md); the default changes only if a second quiet run agrees.
+Both engines are probed against torch the same way.
 
     model (+ its input shape) --sha256 of weights, architecture, config, shape, exporter--> key
     key -> <cache>/<key>.onnx  (exported once: torch.onnx.export(dynamo=True), dynamic batch)
@@ -120,8 +123,10 @@ def resolve_runtime(runtime: str, device_type: str, precision: str = "auto") -> 
 
     auto: the exported graph in ONNX Runtime on the CPU when it and the exporter are installed and
     the precision is float32; torch on CUDA / MPS, for reduced precision, or when a package is
-    missing. (auto does not pick OpenVINO: measured in one run it was not faster end to end, see
-    benchmarks/results/runtime_openvino_loaded.md.)
+    missing. (auto does not pick OpenVINO yet: in the loaded runs it was 0-15% faster, in one
+    quiet run about 20% faster warmed up and 1-3% in a fresh process, end to end
+    (benchmarks/results/runtime_openvino_loaded.md,
+    quiet_session6.md); the default waits for a second quiet run.)
     onnx / openvino: the exported graph in that engine; ValueError when it cannot apply (GPU
     device, reduced precision, package missing)."""
     runtime = check_runtime(runtime)
