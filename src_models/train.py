@@ -250,14 +250,16 @@ def validate(model: torch.nn.Module, samples: list[Sample], cfg: TrainConfig, de
 
 def _object_validation(model: torch.nn.Module, sample: Sample, cfg: TrainConfig,
                        device: torch.device) -> tuple[float, np.ndarray]:
-    """(object F1 for glands / AJI for nuclei, predicted foreground) of an instance head with the
-    untuned default post-processing: for choosing the step, not for reporting."""
+    """(object F1 for glands / AJI for nuclei, predicted foreground) of an instance head, for
+    choosing the step, not for reporting. Post-processing: the recipe's `instance_params` when it
+    gives them (a run continuing a tuned model is selected as it will be used), else the untuned
+    defaults."""
     from .instances import InstanceMaker
     from .metrics import aji, object_f1
     card = ModelCard(architecture=getattr(model, "registry_name", "unet"),
                      model_kwargs=dict(getattr(model, "config", {})), tile_size=cfg.tile_size,
                      task=cfg.task, head=cfg.head,
-                     instance_params=INSTANCE_DEFAULTS[cfg.task] | MARKER_DEFAULTS)
+                     instance_params=cfg.instance_params or (INSTANCE_DEFAULTS[cfg.task] | MARKER_DEFAULTS))
     maker = InstanceMaker(predict(model, sample.image, card, device=str(device)), card)
     labels = maker.labels()
     score = object_f1(sample.mask, labels).f1 if cfg.task == "glands" else aji(sample.mask, labels)

@@ -154,3 +154,27 @@ def test_train_writes_best_checkpoint_with_complete_card_and_resumes(tmp_path):
     assert load_checkpoint(tmp_path / "gap.safetensors")[1].training["gap_weight"] == 5.0
     with pytest.raises(ValueError, match="not the requested"):
         train(TrainConfig(**{**cfg3.__dict__, "model_kwargs": {"dca": False, "width": 0.125}}))
+
+
+def test_object_validation_uses_the_recipes_post_processing(tmp_path, monkeypatch):
+    # A run continuing a tuned model is selected with the settings it ships with, not the defaults.
+    import src_models.instances as instances
+    from src_models.data import load_samples
+    from src_models.registry import build_model
+    from src_models.train import TrainConfig, _object_validation
+    root = _write_dataset(tmp_path / "ds", n=1)
+    seen = []
+    real = instances.InstanceMaker
+
+    def spy(prob, card, *a, **k):
+        seen.append(dict(card.instance_params))
+        return real(prob, card, *a, **k)
+    monkeypatch.setattr(instances, "InstanceMaker", spy)
+    model = build_model("unet", dca=True, width=0.125, patch_size=16, num_classes=3)
+    sample = load_samples(root)[0]
+    tuned = {"mode": "nuclei", "threshold": 0.7, "min_size": 5, "marker_threshold": 0.8}
+    for given, expected_threshold in ((tuned, 0.7), (None, 0.5)):
+        cfg = TrainConfig(data=str(root), out=str(tmp_path / "m.safetensors"), task="nuclei",
+                          head="three_class", tile_size=64, instance_params=given)
+        _object_validation(model, sample, cfg, torch.device("cpu"))
+        assert seen[-1]["threshold"] == expected_threshold
