@@ -35,8 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--tile", type=int, default=None, metavar="N",
                    help="tile size (default: the checkpoint's training tile size)")
-    p.add_argument("--overlap", type=float, default=0.25, metavar="F",
-                   help="fraction of a tile shared with each neighbour (0 <= F <= 0.9), as in segment")
+    p.add_argument("--overlap", type=float, default=None, metavar="F",
+                   help="fraction of a tile shared with each neighbour (0 <= F <= 0.9; default: the "
+                        "checkpoint's, else 0.25), as in segment")
     p.add_argument("--tta", action="store_true", help="average the four flips")
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: card's)")
     p.add_argument("--min-size", type=int, default=None, metavar="PIXELS",
@@ -71,8 +72,9 @@ def _check_folders(args) -> None:
 
 def _check_options(args) -> None:
     from ._cli_bounds import check_inference_options, check_range
-    check_range("--overlap", args.overlap, 0.0, 0.9,
-                "tiles sharing more than 90% multiply the work by over 100")
+    if args.overlap is not None:  # None: the checkpoint's own
+        check_range("--overlap", args.overlap, 0.0, 0.9,
+                    "tiles sharing more than 90% multiply the work by over 100")
     check_inference_options(args)
 
 

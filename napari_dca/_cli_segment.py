@@ -48,8 +48,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=None, metavar="N",
                    help=f"tile size in pixels, 32..{MAX_TILE} (default: the checkpoint's training "
                         f"tile size; never larger than the image needs)")
-    p.add_argument("--overlap", type=float, default=0.25, metavar="F",
-                   help="fraction of a tile shared with each neighbour (0 <= F <= 0.9)")
+    p.add_argument("--overlap", type=float, default=None, metavar="F",
+                   help="fraction of a tile shared with each neighbour (0 <= F <= 0.9; default: the "
+                        "checkpoint's, else 0.25)")
     p.add_argument("--batch-size", type=int, default=4, metavar="B",
                    help=f"tiles per model call, 1..{MAX_BATCH}")
     p.add_argument("--tta", action="store_true",
@@ -80,8 +81,9 @@ def load_model(checkpoint: str, device: str):
 
 def check_options(args) -> None:
     """ValueError (one line: what is wrong, what to do) for an option out of its bounds."""
-    check_range("--overlap", args.overlap, 0.0, 0.9,
-                "tiles sharing more than 90% multiply the work by over 100")
+    if args.overlap is not None:  # None: the checkpoint's own
+        check_range("--overlap", args.overlap, 0.0, 0.9,
+                    "tiles sharing more than 90% multiply the work by over 100")
     args.batch_size = bounded_int("--batch-size", args.batch_size, 1, MAX_BATCH,
                                   "larger batches only use more memory")
     check_inference_options(args)

@@ -17,6 +17,7 @@ TASKS = ("nuclei", "glands", "semantic")
 MAX_CLASSES = 256
 MAX_TILE_SIZE = 4096
 MIN_TILE_SIZE = 16
+MAX_OVERLAP = 0.9       # as the CLI allows: more multiplies the work by over 100
 MAX_TEXT = 100_000          # characters in one free-text field
 MAX_ITEMS = 100_000         # entries in one list (e.g. the data split's image names)
 MAX_DEPTH = 8               # nesting of the free-form dicts (training, metrics, corrections)
@@ -237,6 +238,8 @@ def validate_card(d: Any, known_fields: set[str] | None = None) -> dict[str, Any
         out["normalization"] = _normalization(d["normalization"], in_channels)
     if "tile_size" in d:
         out["tile_size"] = _number("tile_size", d["tile_size"], int, MIN_TILE_SIZE, MAX_TILE_SIZE)
+    if d.get("overlap") is not None:
+        out["overlap"] = _number("overlap", d["overlap"], float, 0.0, MAX_OVERLAP)
     if "task" in d and d["task"] not in TASKS:
         raise _fail("task", f"must be one of {list(TASKS)}", d["task"])
     if "class_names" in d:

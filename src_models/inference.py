@@ -514,7 +514,7 @@ class _Window:
 
 
 def predict(model: nn.Module, image: Any, card: Any = None, *,
-            tile_size: int | None = None, overlap: float = DEFAULT_OVERLAP, batch_size: int = 4,
+            tile_size: int | None = None, overlap: float | None = None, batch_size: int = 4,
             device: str | torch.device | None = "auto", tta: bool = False,
             region: Sequence[int] | None = None, out: Any = None,
             progress: ProgressCallback | None = None, cancel: Any = None,
@@ -527,10 +527,11 @@ def predict(model: nn.Module, image: Any, card: Any = None, *,
     image: (H, W), (H, W, 3|4), (Z, H, W) or (Z, H, W, 3|4); uint8, uint16, other ints, bool or
         float; numpy or anything lazy with shape/dtype/__getitem__ (dask, zarr, tifffile's zarr
         store) - it is read one batch of tiles at a time. Stacks are segmented plane by plane.
-    card: the checkpoint's ModelCard (or a dict with the same keys): `normalization` and
-        `tile_size` come from it unless given here.
+    card: the checkpoint's ModelCard (or a dict with the same keys): `normalization`,
+        `tile_size` and `overlap` come from it unless given here.
     tile_size: tile edge in pixels (default: card.tile_size, else 256). overlap: fraction of a tile
-        shared by neighbours (0 <= overlap < 1). Images smaller than a tile are reflect-padded.
+        shared by neighbours, 0 <= overlap < 1 (default: card.overlap, else DEFAULT_OVERLAP).
+        Images smaller than a tile are reflect-padded.
     batch_size: tiles per model call. device: "auto" (CUDA > MPS > CPU), "cpu", "cuda", "mps".
     tta: average the four flips (4x the compute).
     region: (y0, y1, x0, x1): segment only that window of the image (the tiles read a margin of
@@ -558,8 +559,7 @@ def predict(model: nn.Module, image: Any, card: Any = None, *,
     """
     _check_image(image)
     layout = image_layout(image.shape)
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    overlap = overlap_for(card, overlap)
     tile = tile_for(layout, card, tile_size)
     norm = normalization or card_value(card, "normalization", None) or DEFAULT_NORMALIZATION
     config = getattr(model, "config", None) or card_value(card, "model_kwargs", {}) or {}
@@ -594,6 +594,14 @@ def predict(model: nn.Module, image: Any, card: Any = None, *,
         return np.ascontiguousarray(full[crop])
     out[...] = full[crop]
     return out
+
+
+def overlap_for(card: Any = None, overlap: float | None = None) -> float:
+    """The tile overlap `predict` uses: overlap, else card.overlap, else DEFAULT_OVERLAP."""
+    value = float(overlap if overlap is not None else card_value(card, "overlap", DEFAULT_OVERLAP))
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {value}")
+    return value
 
 
 def tile_for(layout: ImageLayout, card: Any = None, tile_size: int | None = None) -> int:

@@ -280,6 +280,24 @@ def test_card_supplies_tile_size_and_normalization():
     np.testing.assert_allclose(a, predict_full(Pointwise(), img, card), atol=1e-5)
 
 
+
+def test_card_overlap_sets_the_tiling_unless_one_is_given():
+    # 110 px at 32-px tiles: 0.25 (the default) needs 5 tiles a side, 0.0 needs 4.
+    img = rgb(110, 110)
+    tiles = {}
+    for name, card, overlap in (("default", {"tile_size": 32}, None),
+                                ("card", {"tile_size": 32, "overlap": 0.0}, None),
+                                ("given", {"tile_size": 32, "overlap": 0.0}, 0.25)):
+        calls = []
+        predict(Pointwise(), img, card, overlap=overlap, batch_size=64, progress=lambda d, t: calls.append(t))
+        tiles[name] = calls[-1]
+    assert tiles == {"default": 25, "card": 16, "given": 25}
+    from src_models.card_schema import validate_card
+    from src_models.checkpoints import CheckpointError
+    with pytest.raises(CheckpointError, match="overlap"):
+        validate_card({"architecture": "unet", "model_kwargs": {}, "overlap": 0.95})
+
+
 # ---- devices ---------------------------------------------------------------------------------
 
 def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):

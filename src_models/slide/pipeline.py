@@ -162,16 +162,18 @@ class SlidePlan:
 
 def plan_slide(path: str | Path, card: Any, out_dir: str | Path, *, mode: str | None = None,
                threshold: float | None = None, min_size: int | None = None,
-               tile_size: int | None = None, overlap: float = 0.25, tissue: bool = True,
+               tile_size: int | None = None, overlap: float | None = None, tissue: bool = True,
                chunk: int = DEFAULT_CHUNK, margin: int = DEFAULT_MARGIN,
                region: tuple[int, int, int, int] | None = None, runtime: str = "torch",
                checkpoint_name: str | None = None) -> SlidePlan:
     """Opens the slide, finds its tissue and the cores to segment, and opens (or, to resume,
     reopens) its run folder. runtime: what runs the model, "torch" or "onnx" (resolved)."""
-    from ..inference import card_value
+    from ..inference import card_value, overlap_for
     from ..instances import InstanceParams
 
     started = time.time()
+    # resolved here (None: the card's), so a resumed run is checked against the tiling it used
+    overlap = overlap_for(card, overlap)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = output_paths(path, out_dir)
@@ -263,7 +265,7 @@ def runtime_label(graph: str) -> str:
 def segment_slide(path: str | Path, model: Any, card: Any, out_dir: str | Path, *,
                   mode: str | None = None, threshold: float | None = None,
                   min_size: int | None = None, tile_size: int | None = None,
-                  overlap: float = 0.25, batch_size: int = 4, device: str = "cpu",
+                  overlap: float | None = None, batch_size: int = 4, device: str = "cpu",
                   tta: bool = False, tissue: bool = True, chunk: int = DEFAULT_CHUNK,
                   margin: int = DEFAULT_MARGIN, geojson: bool = True, table: bool = True,
                   progress: SlideProgress | None = None, cancel: Callable[[], bool] | None = None,
