@@ -179,6 +179,20 @@ def describe_corrections(image: np.ndarray, labels: np.ndarray, valid: np.ndarra
             "objects": int(np.count_nonzero(objects))}
 
 
+EDGES = ("boundary", "open", "ignore")
+
+
+def continue_labels(labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(H, W) labels with every pixel outside `valid` given the label of its nearest pixel inside:
+    what lies beyond the edge of a reviewed region is unknown, so an object cut there is taken to
+    go on (as `targets.object_rim` treats image borders)."""
+    from scipy import ndimage as ndi
+    if valid.all() or not valid.any():
+        return labels
+    iy, ix = ndi.distance_transform_edt(~valid, return_distances=False, return_indices=True)
+    return labels[iy, ix]
+
+
 class CorrectionSampler:
     """Random crops (crop_h, crop_w) of the corrected image that contain reviewed pixels, with random
     flips and 90-degree rotations applied to image, target and valid mask alike. The crop positions
@@ -190,12 +204,21 @@ class CorrectionSampler:
 
     def __init__(self, image: np.ndarray, labels: np.ndarray, valid: np.ndarray, tile_size: int,
                  in_channels: int, num_classes: int, normalization=None, gap_weight: float = 1.0,
-                 gap_radius: int = 6, card=None):
+                 gap_radius: int = 6, card=None, edge: str = "boundary"):
         x = normalize(as_float01(to_channels(image, in_channels)), normalization or DEFAULT_NORMALIZATION)
         self.x = x                                   # (C, H, W) float32
         # An instance head (card.head) learns its own target: a separating stroke becomes boundary.
         self.target = (card_target(labels, card) if head_of(card) != "binary"
                        else labels_to_target(labels, num_classes))   # (H, W)
+        if edge != "boundary" and head_of(card) != "binary" and not valid.all():
+            # The edge of the reviewed part is no object border: an object it cuts goes on beyond it.
+            # Its target is made as at an image border (labels continued outward); "ignore" instead
+            # leaves out of the loss the pixels whose class the cut alone decides.
+            open_target = card_target(continue_labels(labels, valid), card)
+            if edge == "open":
+                self.target = open_target
+            else:
+                valid = valid & (open_target == self.target)
         # Only reviewed labels may shape the loss, weights included.
         self.weight = (touching_gap_weights(np.where(valid, labels, 0), gap_radius, gap_weight)
                        if gap_weight != 1.0 else np.ones(labels.shape, np.float32))
@@ -301,7 +324,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
              warmup_steps: int = 0, check_fraction: float = 0.25,
              replay_tolerance: float = REPLAY_TOLERANCE, dice_margin: float = DICE_MARGIN,
              rechoose_postprocessing: bool = True, settings_alone: bool = True,
-             anchor: float = 0.0, crossing: str = "split",
+             anchor: float = 0.0, crossing: str = "split", edge: str = "boundary",
              device: str = "cpu") -> FinetuneResult:
     """One safe round: train a copy of `model` on corrected labels of one image, check it on the part
     of the corrections it did not train on (and on the model's training data), keep it only if it
@@ -373,6 +396,8 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
                          f"({channels} output channel(s); heads: {HEADS})")
     corrections = describe_corrections(image, labels, valid, region)
     check = split_check(valid, labels, check_fraction)
+    if edge not in EDGES:
+        raise ValueError(f"edge must be one of {EDGES}, got {edge!r}")
     if crossing not in ("split", "move", "untrained"):
         raise ValueError(f"crossing must be 'split', 'move' or 'untrained', got {crossing!r}")
     if crossing == "move":
@@ -398,7 +423,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     gap_radius = int(trained.get("gap_radius", 6))
     # Labels outside the trained-on part are zeroed before any target or weight is made from them.
     sampler = CorrectionSampler(image, np.where(train_valid, labels, 0), train_valid, tile, in_channels,
-                                num_classes, normalization, gap, gap_radius, card)
+                                num_classes, normalization, gap, gap_radius, card, edge)
     if isinstance(replay, str):
         if replay != "auto":
             raise ValueError(f"replay must be 'auto', None or a list of samples, got {replay!r}")
@@ -461,7 +486,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     corrections.update({"steps": steps_done, "lr": lr, "train": train, "tile_size": tile,
                         "batch_size": batch_size, "seed": seed, "gap_weight": gap,
                         "warmup_steps": warm, "anchor": anchor,
-                        "crossing": crossing,
+                        "crossing": crossing, "edge": edge,
                         "replay_images": len(replayer.items) if replayer is not None else 0,
                         "final_loss": history[-1] if history else None, "stopped": stopped,
                         "held_back_pixels": int(check.sum())})

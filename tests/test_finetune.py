@@ -657,3 +657,35 @@ def test_crossing_untrained_trains_on_no_object_the_cut_crosses(monkeypatch):
     assert seen[0][1][labels == 99].any()
     with pytest.raises(ValueError, match="crossing"):
         finetune(DarknessModel(), image, labels, steps=1, card=toy_card(), crossing="drop")
+
+
+@pytest.mark.parametrize("edge", ["boundary", "open", "ignore"])
+def test_the_reviewed_regions_edge_is_no_object_border_in_the_target(edge):
+    """An object the edge of the reviewed part cuts goes on beyond it: with edge="open" its pixels
+    along the cut learn interior (as at an image border), with "ignore" they are left out of the
+    loss; "boundary" (the old target) calls them boundary. Its real rim stays boundary either way."""
+    card = ModelCard(architecture="unet", model_kwargs={}, task="glands", head="three_class",
+                     tile_size=TILE, training={"target": {"boundary_width": 2}})
+    labels = np.zeros((40, 40), np.int32)
+    labels[10:30, 5:35] = 1                       # one object across the cut at column 20
+    valid = np.zeros((40, 40), bool)
+    valid[:, :20] = True
+    image = np.zeros((40, 40, 3), np.uint8)
+    s = CorrectionSampler(image, np.where(valid, labels, 0), valid, TILE, 3, 3, card=card, edge=edge)
+    along_cut = (slice(14, 26), slice(18, 20))     # inside the object, next to the cut
+    real_rim = (slice(14, 26), slice(5, 7))        # the object's own left border
+    assert (s.target[real_rim] == 2).all() and s.valid[real_rim].all()
+    if edge == "boundary":
+        assert (s.target[along_cut] == 2).all() and s.valid[along_cut].all()
+    elif edge == "open":
+        assert (s.target[along_cut] == 1).all() and s.valid[along_cut].all()
+    else:
+        assert not s.valid[along_cut].any()
+        assert s.valid[14:26, 10:16].all()         # the object's inside away from the cut still counts
+    assert not s.valid[:, 20:].any()
+
+
+def test_an_unknown_edge_setting_is_refused():
+    image, labels = nuclei_grid()
+    with pytest.raises(ValueError, match="edge"):
+        finetune(DarknessModel(), image, labels, steps=1, card=toy_card(), edge="closed")
