@@ -156,12 +156,17 @@ def decide(row, choice: str, rule: str) -> tuple[bool, float]:
     if rule == "replay_object":   # replay judged on its object score instead of its pixel Dice
         if rb is not None:
             rb, ra = replace(rb, dice=rb.score), replace(ra, dice=ra.score)
+    if rule == "replay_as_check":  # replay judged as the held-back part: score no lower, Dice -0.02
+        kept, _ = judge_round(cb, ca, None, None, True)
+        if kept and rb is not None:
+            kept = ra.score >= rb.score and ra.dice >= rb.dice - 0.02
+        return kept, (c["unseen"] if kept else row["before"])
     kept, _ = judge_round(cb, ca, rb, ra, True, replay_tolerance=tol if rule != "replay_object" else 0.0)
     return kept, (c["unseen"] if kept else row["before"])
 
 
 def report(args) -> None:
-    rules = ["engine", "replay_object", "replay_tol=0.02", "no_replay"]
+    rules = ["engine", "replay_object", "replay_as_check", "replay_tol=0.02", "no_replay"]
     for path in args.files:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         print(f"\n## {path}: {len(rows)} images, variant {rows[0]['variant'] if rows else {}}")

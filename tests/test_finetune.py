@@ -689,3 +689,21 @@ def test_an_unknown_edge_setting_is_refused():
     image, labels = nuclei_grid()
     with pytest.raises(ValueError, match="edge"):
         finetune(DarknessModel(), image, labels, steps=1, card=toy_card(), edge="closed")
+
+
+def test_by_default_every_batch_replays_as_many_training_crops_as_it_has_corrections():
+    from src_models.finetune import REPLAY_PER_BATCH
+    seen = []
+
+    class Recording(DarknessModel):
+        def forward(self, x):
+            if self.training:
+                seen.append(x.shape[0])
+            return super().forward(x)
+
+    image, labels = nuclei_grid()
+    replay = [nuclei_grid()]
+    res = finetune(Recording(), image, labels, steps=2, tile_size=TILE, card=toy_card(), replay=replay,
+                   batch_size=2)
+    assert REPLAY_PER_BATCH == 2 and seen == [2 + REPLAY_PER_BATCH] * 2
+    assert res.corrections["replay_per_batch"] == REPLAY_PER_BATCH
