@@ -60,12 +60,13 @@ DEFAULT_CROP = 224
 # between 10 and 150 corrected objects was measured: the line is drawn between the two.
 DECODER_ONLY_BELOW = 50
 # Replay crops of the model's own training data in every batch (beside batch_size crops of the
-# corrections): as many as corrections. With one per batch a glands round forgot enough of its
-# training data to be rolled back where it helped the unseen half (GlaS train_76: replay pixel
-# Dice 0.942 -> 0.929, unseen half +0.333 rolled back); with two, fewer rounds forget and those
-# that learn keep more of what the model knew (benchmarks/results/finetune_glands_replay2.md,
-# finetune_nuclei_replay2_three_class.md; MEASURED_PLACEHOLDER).
+# corrections): as many as corrections, over DEFAULT_STEPS steps, so a round sees about as many
+# crops as it did with one replay crop over 30 steps (96 against 90) and takes as long. With one per
+# batch a glands round forgot enough of its training data to be rolled back where it had helped the
+# unseen half (GlaS train_76: replay pixel Dice 0.942 -> 0.929, unseen half +0.333 rolled back)
+# (benchmarks/results/finetune_screen.md, finetune_glands_replay2.md, finetune_nuclei_replay2.md).
 REPLAY_PER_BATCH = 2
+DEFAULT_STEPS = 24
 
 
 def _encoder_known(model: nn.Module) -> bool:
@@ -322,7 +323,7 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- the round
-def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=None, steps: int = 30,
+def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=None, steps: int = DEFAULT_STEPS,
              lr: float = 3e-4, train: str | None = None, tile_size: int | None = None, card=None,
              replay="auto", progress: Callable[[int, int, float], None] | None = None,
              cancel: Callable[[], bool] | None = None, seed: int = 0, batch_size: int = 2,

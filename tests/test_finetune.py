@@ -692,7 +692,7 @@ def test_an_unknown_edge_setting_is_refused():
 
 
 def test_by_default_every_batch_replays_as_many_training_crops_as_it_has_corrections():
-    from src_models.finetune import REPLAY_PER_BATCH
+    from src_models.finetune import DEFAULT_STEPS, REPLAY_PER_BATCH
     seen = []
 
     class Recording(DarknessModel):
@@ -703,7 +703,9 @@ def test_by_default_every_batch_replays_as_many_training_crops_as_it_has_correct
 
     image, labels = nuclei_grid()
     replay = [nuclei_grid()]
-    res = finetune(Recording(), image, labels, steps=2, tile_size=TILE, card=toy_card(), replay=replay,
+    res = finetune(Recording(), image, labels, tile_size=TILE, card=toy_card(), replay=replay,
                    batch_size=2)
-    assert REPLAY_PER_BATCH == 2 and seen == [2 + REPLAY_PER_BATCH] * 2
+    # half of every batch is replay, over fewer steps than the 30 of one replay crop: ~ as many crops
+    assert (REPLAY_PER_BATCH, DEFAULT_STEPS) == (2, 24)
+    assert seen == [2 + REPLAY_PER_BATCH] * DEFAULT_STEPS and res.steps_done == DEFAULT_STEPS
     assert res.corrections["replay_per_batch"] == REPLAY_PER_BATCH
