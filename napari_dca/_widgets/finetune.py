@@ -24,6 +24,8 @@ from ._layout import scrolling
 from ._state import add_recent_checkpoint, get_state, remember, remembered
 from .segment import SegmentResult, put_labels, region_placement, show_result
 
+DEFAULT_STEPS = 24      # = src_models.finetune.DEFAULT_STEPS (tests/gui/test_finetune_widget.py checks)
+
 CHANGE_COLORS = {None: "transparent", 0: "transparent", 1: "lime", 2: "red"}
 
 
@@ -216,7 +218,9 @@ class FinetuneWidget(QWidget):
         self.region.setToolTip("Shapes drawn around the part you reviewed; only labels there count")
         self.steps = QSpinBox()
         self.steps.setRange(1, 5000)
-        self.steps.setValue(remembered("finetune/steps", 60))
+        # the engine's default round (src_models.finetune.DEFAULT_STEPS; not imported here: that
+        # would import torch when the panel opens), so a round here is the benchmarked one
+        self.steps.setValue(remembered("finetune/steps", DEFAULT_STEPS))
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(5)
         self.lr.setRange(1e-5, 1e-1)

@@ -81,3 +81,13 @@ def test_finetune_can_be_cancelled(make_napari_viewer, tiny_checkpoint, small_im
     assert not errors(messages), messages
     assert ft.round is not None and ft.round.stopped == "cancelled"
     assert len(ft.round.losses) < 2000
+
+
+def test_the_widget_offers_the_engines_default_round(make_napari_viewer, tmp_path, monkeypatch):
+    from napari_dca._widgets import finetune as widget
+    from src_models.finetune import DEFAULT_STEPS
+
+    monkeypatch.setenv("NAPARI_DCA_CONFIG_DIR", str(tmp_path))   # nothing remembered
+    assert widget.DEFAULT_STEPS == DEFAULT_STEPS
+    ft = widget.FinetuneWidget(make_napari_viewer())
+    assert ft.steps.value() == DEFAULT_STEPS
