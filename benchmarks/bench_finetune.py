@@ -75,6 +75,9 @@ def main() -> int:
                     help='other finetune arguments, e.g. \'{"boundary_width": 1}\'')
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="default: benchmarks/results/finetune_<task>")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --out's JSON (an interrupted run of the same code) "
+                         "and run only the images it lacks")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -100,6 +103,9 @@ def main() -> int:
     metric = METRIC[task]
 
     rows = []
+    if args.resume and out.with_suffix(".json").exists():
+        rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+        command += f"  (resumed: the first {len(rows)} rows come from the interrupted run)"
     head = ["image", "objects L/R", f"before R {metric}", f"after R {metric}", "change",
             f"trained R {metric}", "kept", "held-back objects matched (before -> after)",
             "round s (wall)", "round CPU s", "of which check s (wall)", "why"]
@@ -138,7 +144,8 @@ def main() -> int:
         write_text_atomic(out.with_suffix(".json"),
                           json.dumps({"command": command, "model": model_id, "rows": rows}, indent=1))
 
-    for sample in load_samples(root, val):
+    done = {r["image"] for r in rows}
+    for sample in load_samples(root, [n for n in val if n not in done]):
         image, gt = sample.image, sample.mask
         h, w = gt.shape
         right = slice(w // 2, w)

@@ -24,7 +24,7 @@ from ._layout import scrolling
 from ._state import add_recent_checkpoint, get_state, remember, remembered
 from .segment import SegmentResult, put_labels, region_placement, show_result
 
-DEFAULT_STEPS = 24      # = src_models.finetune.DEFAULT_STEPS (tests/gui/test_finetune_widget.py checks)
+DEFAULT_STEPS = 30      # = src_models.finetune.DEFAULT_STEPS (tests/gui/test_finetune_widget.py checks)
 
 CHANGE_COLORS = {None: "transparent", 0: "transparent", 1: "lime", 2: "red"}
 
