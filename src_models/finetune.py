@@ -60,13 +60,17 @@ DEFAULT_CROP = 224
 # between 10 and 150 corrected objects was measured: the line is drawn between the two.
 DECODER_ONLY_BELOW = 50
 # Replay crops of the model's own training data in every batch, beside batch_size crops of the
-# corrections: as many as corrections (was 1). With one per batch a glands round forgot enough of
-# its training data to be rolled back where it had helped the unseen half (GlaS train_76: replay
-# pixel Dice 0.942 -> 0.929, unseen half +0.333 rolled back); with two it passes, and train_5's
-# round gains +0.333 instead of +0.190 (benchmarks/results/finetune_screen.md,
-# finetune_glands_replay2.md, finetune_nuclei_replay2.md). It costs ~1.3x the CPU of a round; 24
-# steps instead of 30 (as many crops as before) kept GlaS train_18 at -0.052, so the steps stay.
-REPLAY_PER_BATCH = 2
+# corrections (`finetune(replay_per_batch=None)`, the default): as many as corrections (2) when the
+# round learns from fewer than DECODER_ONLY_BELOW corrected objects, one otherwise. A few objects
+# are little evidence, and with one replay crop such a round forgot enough of the model's training
+# data to be rolled back where it had helped the unseen half (GlaS train_76: replay pixel Dice
+# 0.942 -> 0.929, unseen half +0.333 rolled back); with two it passes, and train_5's round gains
+# +0.333 instead of +0.190: GlaS mean +0.0245 -> see finetune_glands_replay2.md. Rounds on hundreds
+# of nuclei lost with two (MoNuSeg +0.031 -> +0.028, finetune_nuclei_replay2.md), so they keep one.
+# Two cost ~1.3x a glands round's CPU; 24 steps instead of 30 (as many crops as before) kept GlaS
+# train_18 at -0.052 (finetune_glands_replay2_steps24.md), so the steps stay.
+REPLAY_PER_BATCH_FEW = 2
+REPLAY_PER_BATCH_MANY = 1
 DEFAULT_STEPS = 30
 
 
@@ -328,7 +332,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
              lr: float = 3e-4, train: str | None = None, tile_size: int | None = None, card=None,
              replay="auto", progress: Callable[[int, int, float], None] | None = None,
              cancel: Callable[[], bool] | None = None, seed: int = 0, batch_size: int = 2,
-             replay_per_batch: int = REPLAY_PER_BATCH, weight_decay: float = 1e-4,
+             replay_per_batch: int | None = None, weight_decay: float = 1e-4,
              max_seconds: float | None = None, gap_weight: float | None = None,
              warmup_steps: int = 0, check_fraction: float = 0.25,
              replay_tolerance: float = REPLAY_TOLERANCE, dice_margin: float = DICE_MARGIN,
@@ -347,7 +351,9 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     task) and the architecture's encoder is known, else "all". tile_size: crop side, by
     default the card's tile size up to DEFAULT_CROP (224). card: the model's ModelCard (normalisation,
     tile size, post-processing). replay: training samples of the model ((image, mask) pairs or
-    data.Sample) of which `replay_per_batch` (`REPLAY_PER_BATCH`) crops join every batch, and fixed crops of which check
+    data.Sample) of which `replay_per_batch` crops join every batch (None, the default:
+    `REPLAY_PER_BATCH_FEW` on fewer than `DECODER_ONLY_BELOW` corrected objects, else
+    `REPLAY_PER_BATCH_MANY`), and fixed crops of which check
     the round; "auto" (default): the crops of the card's training images that ship with the package
     (`bundled_replay`); None: none. progress(step, steps, loss) after every step; cancel() is
     checked before every step and ends the round with the old model kept; max_seconds stops training once that much time has
@@ -416,11 +422,13 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
         kept_out = train_valid & ~crossing_objects(valid, labels, check)
         if np.any(labels[kept_out] > 0):   # never leave nothing to train on
             train_valid = kept_out
+    from .instances import InstanceParams
+    objects = InstanceParams.from_card(card).mode != "semantic"   # else labels are class ids
+    few = objects and np.unique(labels[train_valid & (labels > 0)]).size < DECODER_ONLY_BELOW
     if train is None:
-        from .instances import InstanceParams
-        objects = InstanceParams.from_card(card).mode != "semantic"   # else labels are class ids
-        few = np.unique(labels[train_valid & (labels > 0)]).size < DECODER_ONLY_BELOW
-        train = "decoder" if objects and few and _encoder_known(model) else "all"
+        train = "decoder" if few and _encoder_known(model) else "all"
+    if replay_per_batch is None:
+        replay_per_batch = REPLAY_PER_BATCH_FEW if few else REPLAY_PER_BATCH_MANY
 
     t0 = time.perf_counter()
     cfg = getattr(model, "config", {})

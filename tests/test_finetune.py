@@ -691,8 +691,9 @@ def test_an_unknown_edge_setting_is_refused():
         finetune(DarknessModel(), image, labels, steps=1, card=toy_card(), edge="closed")
 
 
-def test_by_default_every_batch_replays_as_many_training_crops_as_it_has_corrections():
-    from src_models.finetune import DEFAULT_STEPS, REPLAY_PER_BATCH
+def test_by_default_a_round_on_few_objects_replays_as_many_training_crops_as_it_has_corrections():
+    from src_models.finetune import (DECODER_ONLY_BELOW, DEFAULT_STEPS, REPLAY_PER_BATCH_FEW,
+                                     REPLAY_PER_BATCH_MANY)
     seen = []
 
     class Recording(DarknessModel):
@@ -703,8 +704,21 @@ def test_by_default_every_batch_replays_as_many_training_crops_as_it_has_correct
 
     image, labels = nuclei_grid()
     replay = [nuclei_grid()]
+    assert np.unique(labels).size - 1 < DECODER_ONLY_BELOW
     res = finetune(Recording(), image, labels, tile_size=TILE, card=toy_card(), replay=replay,
                    batch_size=2)
-    assert (REPLAY_PER_BATCH, DEFAULT_STEPS) == (2, 30)   # half of every batch is replay
-    assert seen == [2 + REPLAY_PER_BATCH] * DEFAULT_STEPS and res.steps_done == DEFAULT_STEPS
-    assert res.corrections["replay_per_batch"] == REPLAY_PER_BATCH
+    assert (REPLAY_PER_BATCH_FEW, REPLAY_PER_BATCH_MANY, DEFAULT_STEPS) == (2, 1, 30)
+    assert seen == [2 + REPLAY_PER_BATCH_FEW] * DEFAULT_STEPS and res.steps_done == DEFAULT_STEPS
+    assert res.corrections["replay_per_batch"] == REPLAY_PER_BATCH_FEW
+    # many corrected objects (2x2 squares every 4 pixels: 256): one replay crop per batch
+    seen.clear()
+    many = np.zeros_like(labels)
+    ids = np.arange(1, 16 * 16 + 1).reshape(16, 16)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            many[dy::4, dx::4] = ids
+    res = finetune(Recording(), image, many, steps=2, tile_size=TILE, card=toy_card(), replay=replay,
+                   batch_size=2)
+    assert np.unique(many).size - 1 >= DECODER_ONLY_BELOW
+    assert seen == [2 + REPLAY_PER_BATCH_MANY] * 2
+    assert res.corrections["replay_per_batch"] == REPLAY_PER_BATCH_MANY
