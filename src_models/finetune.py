@@ -60,15 +60,16 @@ DEFAULT_CROP = 224
 # between 10 and 150 corrected objects was measured: the line is drawn between the two.
 DECODER_ONLY_BELOW = 50
 # Replay crops of the model's own training data in every batch, beside batch_size crops of the
-# corrections (`finetune(replay_per_batch=None)`, the default): as many as corrections (2) when the
-# round learns from fewer than DECODER_ONLY_BELOW corrected objects, one otherwise. A few objects
-# are little evidence, and with one replay crop such a round forgot enough of the model's training
-# data to be rolled back where it had helped the unseen half (GlaS train_76: replay pixel Dice
-# 0.942 -> 0.929, unseen half +0.333 rolled back); with two it passes, and train_5's round gains
-# +0.333 instead of +0.190: GlaS mean +0.0245 -> see finetune_glands_replay2.md. Rounds on hundreds
-# of nuclei lost with two (MoNuSeg +0.031 -> +0.028, finetune_nuclei_replay2.md), so they keep one.
-# Two cost ~1.3x a glands round's CPU; 24 steps instead of 30 (as many crops as before) kept GlaS
-# train_18 at -0.052 (finetune_glands_replay2_steps24.md), so the steps stay.
+# corrections: one by default. `finetune(replay_per_batch=None)` gives as many as corrections (2)
+# to a round on fewer than DECODER_ONLY_BELOW corrected objects and one to the others: a few
+# objects are little evidence, and with one replay crop GlaS train_76's round (+0.333 on the unseen
+# half) forgot enough of the training data to be rolled back; with two, GlaS gained +0.040 mean
+# (against +0.0245), no kept round worse (benchmarks/results/finetune_glands_replay2.md), nuclei
+# rounds lost with two (MoNuSeg +0.031 -> +0.028, finetune_nuclei_replay2.md). Not the default: a
+# glands round then takes 1.3x as long, 25.9 against 19.8 s side by side (finetune_speed.md), past
+# the 20 s a round may take; the cheaper ways to give it that replay lost (24 steps, 192-pixel crops,
+# one correction crop per batch: finetune_glands_replay2_steps24.md, _crop192.md, _batch1.md).
+REPLAY_PER_BATCH = 1
 REPLAY_PER_BATCH_FEW = 2
 REPLAY_PER_BATCH_MANY = 1
 DEFAULT_STEPS = 30
@@ -332,7 +333,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
              lr: float = 3e-4, train: str | None = None, tile_size: int | None = None, card=None,
              replay="auto", progress: Callable[[int, int, float], None] | None = None,
              cancel: Callable[[], bool] | None = None, seed: int = 0, batch_size: int = 2,
-             replay_per_batch: int | None = None, weight_decay: float = 1e-4,
+             replay_per_batch: int | None = REPLAY_PER_BATCH, weight_decay: float = 1e-4,
              max_seconds: float | None = None, gap_weight: float | None = None,
              warmup_steps: int = 0, check_fraction: float = 0.25,
              replay_tolerance: float = REPLAY_TOLERANCE, dice_margin: float = DICE_MARGIN,
@@ -351,7 +352,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     task) and the architecture's encoder is known, else "all". tile_size: crop side, by
     default the card's tile size up to DEFAULT_CROP (224). card: the model's ModelCard (normalisation,
     tile size, post-processing). replay: training samples of the model ((image, mask) pairs or
-    data.Sample) of which `replay_per_batch` crops join every batch (None, the default:
+    data.Sample) of which `replay_per_batch` crops join every batch (default 1; None:
     `REPLAY_PER_BATCH_FEW` on fewer than `DECODER_ONLY_BELOW` corrected objects, else
     `REPLAY_PER_BATCH_MANY`), and fixed crops of which check
     the round; "auto" (default): the crops of the card's training images that ship with the package

@@ -691,9 +691,9 @@ def test_an_unknown_edge_setting_is_refused():
         finetune(DarknessModel(), image, labels, steps=1, card=toy_card(), edge="closed")
 
 
-def test_by_default_a_round_on_few_objects_replays_as_many_training_crops_as_it_has_corrections():
-    from src_models.finetune import (DECODER_ONLY_BELOW, DEFAULT_STEPS, REPLAY_PER_BATCH_FEW,
-                                     REPLAY_PER_BATCH_MANY)
+def test_replay_per_batch_none_replays_two_crops_on_few_objects_and_one_on_many():
+    from src_models.finetune import (DECODER_ONLY_BELOW, DEFAULT_STEPS, REPLAY_PER_BATCH,
+                                     REPLAY_PER_BATCH_FEW, REPLAY_PER_BATCH_MANY)
     seen = []
 
     class Recording(DarknessModel):
@@ -705,10 +705,16 @@ def test_by_default_a_round_on_few_objects_replays_as_many_training_crops_as_it_
     image, labels = nuclei_grid()
     replay = [nuclei_grid()]
     assert np.unique(labels).size - 1 < DECODER_ONLY_BELOW
+    # the default round: one replay crop beside the two correction crops, 30 steps
     res = finetune(Recording(), image, labels, tile_size=TILE, card=toy_card(), replay=replay,
                    batch_size=2)
-    assert (REPLAY_PER_BATCH_FEW, REPLAY_PER_BATCH_MANY, DEFAULT_STEPS) == (2, 1, 30)
-    assert seen == [2 + REPLAY_PER_BATCH_FEW] * DEFAULT_STEPS and res.steps_done == DEFAULT_STEPS
+    assert (REPLAY_PER_BATCH, REPLAY_PER_BATCH_FEW, REPLAY_PER_BATCH_MANY, DEFAULT_STEPS) == (1, 2, 1, 30)
+    assert seen == [2 + REPLAY_PER_BATCH] * DEFAULT_STEPS and res.steps_done == DEFAULT_STEPS
+    assert res.corrections["replay_per_batch"] == REPLAY_PER_BATCH
+    seen.clear()
+    res = finetune(Recording(), image, labels, steps=2, tile_size=TILE, card=toy_card(), replay=replay,
+                   batch_size=2, replay_per_batch=None)
+    assert seen == [2 + REPLAY_PER_BATCH_FEW] * 2
     assert res.corrections["replay_per_batch"] == REPLAY_PER_BATCH_FEW
     # many corrected objects (2x2 squares every 4 pixels: 256): one replay crop per batch
     seen.clear()
@@ -718,7 +724,7 @@ def test_by_default_a_round_on_few_objects_replays_as_many_training_crops_as_it_
         for dx in (0, 1):
             many[dy::4, dx::4] = ids
     res = finetune(Recording(), image, many, steps=2, tile_size=TILE, card=toy_card(), replay=replay,
-                   batch_size=2)
+                   batch_size=2, replay_per_batch=None)
     assert np.unique(many).size - 1 >= DECODER_ONLY_BELOW
     assert seen == [2 + REPLAY_PER_BATCH_MANY] * 2
     assert res.corrections["replay_per_batch"] == REPLAY_PER_BATCH_MANY
