@@ -31,9 +31,14 @@ MAX_INFERENCE_TILE = 4096   # a 4096 px tile of a light model already needs ~1 G
 
 
 def check_inference_options(args) -> None:
-    """The bounds of the options `segment` and `evaluate` share (--tile, --threshold, --min-size,
-    --threads); clamps --tile and --threads in `args`, ValueError for the rest."""
+    """The bounds of the options `segment` and `evaluate` share (--overlap, --tile, --threshold,
+    --min-size, --threads); clamps --tile and --threads in `args`, ValueError for the rest."""
     import os
+
+    from src_models.card_schema import MAX_OVERLAP   # the bound a card's own overlap has
+    if args.overlap is not None:  # None: the checkpoint's own
+        check_range("--overlap", args.overlap, 0.0, MAX_OVERLAP,
+                    "tiles sharing more than 90% multiply the work by over 100")
     if args.tile is not None:
         args.tile = bounded_int("--tile", args.tile, 32, MAX_INFERENCE_TILE,
                                 "the model needs 32 px of context; larger tiles only use more memory")

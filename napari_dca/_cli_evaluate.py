@@ -71,10 +71,7 @@ def _check_folders(args) -> None:
 
 
 def _check_options(args) -> None:
-    from ._cli_bounds import check_inference_options, check_range
-    if args.overlap is not None:  # None: the checkpoint's own
-        check_range("--overlap", args.overlap, 0.0, 0.9,
-                    "tiles sharing more than 90% multiply the work by over 100")
+    from ._cli_bounds import check_inference_options
     check_inference_options(args)
 
 

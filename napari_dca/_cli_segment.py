@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._cli_bounds import MAX_INFERENCE_TILE as MAX_TILE, bounded_int, check_inference_options, check_range
+from ._cli_bounds import MAX_INFERENCE_TILE as MAX_TILE, bounded_int, check_inference_options
 
 MAX_BATCH = 64
 
@@ -81,9 +81,6 @@ def load_model(checkpoint: str, device: str):
 
 def check_options(args) -> None:
     """ValueError (one line: what is wrong, what to do) for an option out of its bounds."""
-    if args.overlap is not None:  # None: the checkpoint's own
-        check_range("--overlap", args.overlap, 0.0, 0.9,
-                    "tiles sharing more than 90% multiply the work by over 100")
     args.batch_size = bounded_int("--batch-size", args.batch_size, 1, MAX_BATCH,
                                   "larger batches only use more memory")
     check_inference_options(args)

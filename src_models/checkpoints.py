@@ -50,7 +50,8 @@ class ModelCard:
     tile_size: int = 256
     # fraction of a tile shared by neighbours when `predict` tiles an image; None: the library's
     # default (inference.DEFAULT_OVERLAP). A model whose scores hold at a smaller overlap runs on
-    # fewer tiles (glands: 9 instead of 16 per 1000x1000 at 384-pixel tiles).
+    # fewer tiles (at 384-pixel tiles, 0.125 needs 9 per 1000x1000 instead of 16; measured for
+    # glands and not taken: benchmarks/results/overlap_1000_glands.md).
     overlap: float | None = None
     class_names: list[str] = field(default_factory=lambda: ["foreground"])
     task: str = "semantic"                      # "nuclei" | "glands" | "semantic"
