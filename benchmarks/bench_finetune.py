@@ -57,6 +57,14 @@ def segment(model, card, image) -> np.ndarray:
     return InstanceMaker(predict(model, image, card, device="cpu"), card).labels()
 
 
+def outside_text(o) -> str:
+    """The round's label-free comparison around the reviewed region (`finetune_check.ObjectChanges`)."""
+    if not o:
+        return "not checked"
+    return (f"{o['old_objects']} -> {o['new_objects']}, {o['merged']} / {o['split']} "
+            f"({o.get('bridged', 0)} / {o.get('cut', 0)})")
+
+
 def weights_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
@@ -108,7 +116,8 @@ def main() -> int:
         command += f"  (resumed: the first {len(rows)} rows come from the interrupted run)"
     head = ["image", "objects L/R", f"before R {metric}", f"after R {metric}", "change",
             f"trained R {metric}", "kept", "held-back objects matched (before -> after)",
-            "round s (wall)", "round CPU s", "of which check s (wall)", "why"]
+            "round s (wall)", "round CPU s", "of which check s (wall)",
+            "outside: old -> new objects, merged / split (bridged / cut)", "why"]
 
     def write() -> None:
         kept = [r for r in rows if r["kept"]]
@@ -130,7 +139,7 @@ def main() -> int:
                 f"{r['after'] - r['before']:+.3f}", f"{r['trained']:.3f}",
                 "no" if not r["kept"] else "yes" if r.get("weights_kept", True) else "settings only",
                 r["matched"], f"{r['seconds']:.1f}", f"{r['cpu']:.1f}", f"{r['check_seconds']:.1f}",
-                r["reason"]]) + " |")
+                outside_text(r.get("outside")), r["reason"]]) + " |")
         if rows:
             lines += ["", f"Images: {len(rows)}; rounds kept: {len(kept)}; mean change of the "
                       f"unseen-half {metric}: {np.mean(changes):+.4f} (goal >= +0.03: "
@@ -172,7 +181,8 @@ def main() -> int:
             "seconds": seconds, "cpu": cpu, "steps": res.steps_done,
             "check_seconds": float(res.corrections.get("check_seconds") or 0.0),
             "held_back_pixels": res.corrections.get("held_back_pixels"),
-            "instance_params": res.instance_params})
+            "instance_params": res.instance_params,
+            "outside": res.corrections.get("outside_check")})
         r = rows[-1]
         print(f"{r['image']}: {r['before']:.3f} -> {r['after']:.3f} (trained {r['trained']:.3f}) "
               f"kept={r['kept']} {seconds:.1f}s wall {cpu:.1f}s CPU | {res.summary}", flush=True)

@@ -28,7 +28,8 @@ from .finetune_check import (DICE_MARGIN, REPLAY_TOLERANCE, RegionScore, choose_
                              crop_probabilities, informative_objects, judge_round, region_box,
                              region_probabilities, replay_crops, score_region, score_replay,
                              score_text, split_check, whole_objects_check,
-                             crossing_objects)
+                             crossing_objects, labels_in, object_changes, outside_part,
+                             OUTSIDE_MARGIN)
 from .inference import predict
 from .losses import dice_ce_loss, labels_to_target, touching_gap_weights
 from .targets import HEADS, card_target, head_channels, head_of
@@ -339,7 +340,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
              replay_tolerance: float = REPLAY_TOLERANCE, dice_margin: float = DICE_MARGIN,
              rechoose_postprocessing: bool = True, settings_alone: bool = True,
              anchor: float = 0.0, crossing: str = "split", edge: str = "boundary",
-             device: str = "cpu") -> FinetuneResult:
+             outside_check: bool = True, device: str = "cpu") -> FinetuneResult:
     """One safe round: train a copy of `model` on corrected labels of one image, check it on the part
     of the corrections it did not train on (and on the model's training data), keep it only if it
     is at least as good there.
@@ -379,7 +380,9 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     if every signal holds (`finetune_check.judge_round`): on the held-back part the object score
     does not drop, the pixel Dice drops by at most `dice_margin` and the number of objects found
     moves no farther from the number corrected; on the replay crops the pixel Dice drops by at most
-    `replay_tolerance`. A round whose held-back part holds fewer than two corrected objects (or
+    `replay_tolerance`; around the reviewed region the new model may not join objects the old one
+    kept apart across background, nor cut one it had whole (`finetune_check.judge_outside`). A
+    round whose held-back part holds fewer than two corrected objects (or
     when too few objects were corrected to hold any back: the scores are then of the trained-on
     corrections, and say so) is rolled back: such a check cannot see what the round did; so is a
     round on whose held-back objects neither model finds a single one. When the new weights are
@@ -517,7 +520,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     else:
         _check_round(result, model, new, image, labels, train_valid, check, card, replay,
                      tile, replay_tolerance, rechoose_postprocessing, device, dice_margin,
-                     settings_alone)
+                     settings_alone, outside=few and outside_check)
     corrections["check_seconds"] = round(time.perf_counter() - t0 - train_seconds, 2)
     result.seconds = time.perf_counter() - t0
     return result
@@ -548,8 +551,10 @@ def _summary(r: FinetuneResult) -> str:
 def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, labels, train_valid,
                  check, card, replay, tile: int, tolerance: float, rechoose: bool, device,
                  dice_margin: float = DICE_MARGIN,
-                 settings_alone: bool = True) -> None:
+                 settings_alone: bool = True, outside: bool = False) -> None:
     """Scores old and new weights, re-chooses the post-processing, and decides (`judge_round`).
+    With `outside`, both models are also run on the image around the reviewed region
+    (`outside_part`) and their objects there compared (`object_changes`, no labels needed).
     The new weights are predicted over the reviewed region (the re-choice needs the trained-on
     part), the old ones only over the checked part (over the reviewed region too with
     `settings_alone`, whose re-choice needs it); both are labelled over the same box around it."""
@@ -561,11 +566,25 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
     result.check_source = "held back" if held else "trained on"
     rechoose = rechoose and old_params.mode != "semantic"
     settings_alone = settings_alone and rechoose
-    new_prob, new_box = region_probabilities(new, image, card, train_valid | check, device)
-    # settings_alone re-chooses the old weights' settings too (the fallback when the new weights
-    # are rolled back), which needs their probabilities over the trained-on part as well.
-    old_prob, old_box = region_probabilities(old, image, card,
-                                             (train_valid | check) if settings_alone else part, device)
+    reviewed = train_valid | check
+    around = outside_part(reviewed) if outside else None
+    if around is not None and around.any():
+        # One prediction per model over the reviewed region and its neighbourhood (the whole image
+        # when that covers it, as the user segments it): the held-back check, the re-choice and
+        # the comparison outside all use it.
+        window = region_box(reviewed, OUTSIDE_MARGIN)
+        new_window = _predict_window(new, image, card, window, device)
+        old_window = _predict_window(old, image, card, window, device)
+        new_box = old_box = region_box(reviewed)
+        new_prob = crop_probabilities(new_window, window, new_box)
+        old_prob = crop_probabilities(old_window, window, old_box)
+    else:
+        around = None
+        new_prob, new_box = region_probabilities(new, image, card, reviewed, device)
+        # settings_alone re-chooses the old weights' settings too (the fallback when the new weights
+        # are rolled back), which needs their probabilities over the trained-on part as well.
+        old_prob, old_box = region_probabilities(old, image, card, reviewed if settings_alone else part,
+                                                 device)
     part_box = region_box(part)
     new_params = old_params
     if rechoose:
@@ -589,8 +608,17 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
                          {"crops": len(crops), "before": result.replay_before.to_dict(),
                           "after": result.replay_after.to_dict()}),
         "instance_params": result.instance_params})
+    changes = None
+    result.corrections["outside_check"] = None    # not checked (nothing around, or many objects)
+    if around is not None:
+        # each model with its own settings, as the user would see them; objects are labelled over
+        # the whole window, so one crossing into the reviewed part keeps its shape
+        old_labels_around = labels_in(old_window, card, old_params)
+        changes = object_changes(old_labels_around, labels_in(new_window, card, new_params),
+                                 around[window], count_min)
+        result.corrections["outside_check"] = {"pixels": int(around.sum()), **changes.to_dict()}
     kept, reason = judge_round(result.check_before, result.check_after, result.replay_before,
-                               result.replay_after, held, dice_margin, tolerance)
+                               result.replay_after, held, dice_margin, tolerance, outside=changes)
     old_tuned = old_params
     if not kept and settings_alone:  # the fallback's settings: only needed once the weights lost
         old_tuned, _ = choose_postprocessing(old_prob, old_box, labels, train_valid, card, old_params,
@@ -600,8 +628,11 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
         # face the same check (held-back part, replay crops) against the old ones as they were.
         tuned_check = score_region(old_part, part_box, labels, part, card, old_tuned, count_min)
         tuned_replay = score_replay(old, crops, card, old_tuned, count_min, device, old_replay)
+        tuned_changes = (None if around is None else   # the new settings outside, likewise
+                         object_changes(old_labels_around, labels_in(old_window, card, old_tuned),
+                                        around[window], count_min))
         ok, why = judge_round(result.check_before, tuned_check, result.replay_before, tuned_replay,
-                              held, dice_margin, tolerance)
+                              held, dice_margin, tolerance, outside=tuned_changes)
         if ok and not tuned_check.score > result.check_before.score:
             # Settings chosen on a few objects that merely tie on the check are noise, not evidence
             # (GlaS train_34: threshold 0.6 -> 0.7 on five glands, 1.000 -> 1.000 on the held-back
@@ -617,6 +648,13 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
             _keep_settings(result, old, old_tuned, old_params, tuned_check, reason)
             return
     _decide(result, old, kept, reason)
+
+
+def _predict_window(model: nn.Module, image, card, window: tuple[slice, slice], device) -> np.ndarray:
+    """The model's probabilities over `window` (slices); the whole image is predicted unwindowed."""
+    h, w = np.asarray(image).shape[:2]
+    box = (window[0].start, window[0].stop, window[1].start, window[1].stop)
+    return predict(model, image, card, device=device, region=None if box == (0, h, 0, w) else box)
 
 
 def _keep_settings(result: FinetuneResult, old: nn.Module, tuned, start, check: RegionScore,

@@ -728,3 +728,105 @@ def test_replay_per_batch_none_replays_two_crops_on_few_objects_and_one_on_many(
     assert np.unique(many).size - 1 >= DECODER_ONLY_BELOW
     assert seen == [2 + REPLAY_PER_BATCH_MANY] * 2
     assert res.corrections["replay_per_batch"] == REPLAY_PER_BATCH_MANY
+
+
+# --------------------------------------------------------------------------- outside the corrections
+def disk_labels(size, centres, r=5):
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    for k, (cy, cx) in enumerate(centres, 1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = k
+    return labels
+
+
+def test_object_changes_tell_bridges_and_cuts_from_the_changes_good_rounds_made():
+    from src_models.finetune_check import judge_outside, object_changes
+    part = np.zeros((40, 40), bool)
+    part[:, 20:] = True                                  # the unlabelled part: the right half
+    old = disk_labels(40, [(10, 30), (28, 30)])          # two objects apart on the right
+    bridge = old.copy()
+    bridge[10:29, 29:32] = 1
+    bridge[bridge == 2] = 1                              # joined across the background
+    ch = object_changes(old, bridge, part)
+    assert (ch.old_objects, ch.new_objects, ch.merged, ch.bridged, ch.split, ch.cut) == (2, 1, 1, 1, 0, 0)
+    assert judge_outside(ch) == (False, "rolled back, it joined 2 objects the previous model kept "
+                                        "apart outside your corrections")
+    touching = np.zeros((40, 40), np.int32)
+    touching[5:35, 25:30], touching[5:35, 30:35] = 1, 2  # one object the old model cut in two
+    joined = np.where(touching > 0, 1, 0)
+    ch = object_changes(touching, joined, part)          # an internal boundary removed (train_48)
+    assert (ch.merged, ch.bridged) == (1, 0) and judge_outside(ch)[0]
+    ch = object_changes(joined, touching, part)          # a new boundary through a whole object
+    assert (ch.split, ch.cut) == (1, 1)
+    assert judge_outside(ch) == (False, "rolled back, it cut an object the previous model had "
+                                        "whole in two outside your corrections")
+    apart = touching.copy()
+    apart[:, 30] = 0                                     # split along background (train_84)
+    ch = object_changes(joined, apart, part)
+    assert (ch.split, ch.cut) == (1, 0) and judge_outside(ch)[0]
+    left = np.zeros((40, 40), np.int32)
+    left[5:35, 2:12], left[5:35, 12:22] = 1, 2           # mostly in the labelled part: not counted
+    assert object_changes(np.where(left > 0, 1, 0), left, part).split == 0
+    assert object_changes(joined, touching, part, min_size=400).old_objects == 0   # too small
+
+
+class GreenTooModel(DarknessModel):
+    """Stands in for weights a round moved where nobody looked: it also takes green for an object."""
+
+    def forward(self, x):
+        return torch.maximum(super().forward(x), 8 * (x[:, 1:2] - x[:, 0:1]) - 2)
+
+
+def glands_toy_card():
+    """Objects are connected components (a glands card): a bridge between two is not split again."""
+    return ModelCard(architecture="unet", model_kwargs={}, task="glands", tile_size=TILE,
+                     instance_params={"mode": "glands", "min_size": 5, "threshold": 0.5})
+
+
+def bridged_image(bridge: bool):
+    """The nuclei grid, with (bridge) a green strip joining two nuclei of the right half, where the
+    round is given no corrections."""
+    image, labels = nuclei_grid()
+    if bridge:
+        image[38:42, 40:57] = (200, 255, 200)   # pale green, between the nuclei at (40, 40) and (40, 56)
+    return image, labels
+
+
+@pytest.mark.parametrize("bridge", [True, False])
+def test_a_round_that_joins_objects_outside_the_reviewed_region_is_rolled_back(monkeypatch, bridge):
+    import copy
+    import types
+    import src_models.finetune as F
+    image, labels = bridged_image(bridge)
+    old = DarknessModel().eval()
+    # the round's trained copy is the green-seeing model (lr 0: training leaves it as it is); the
+    # reviewed left half and the replay crops hold no green, so only the unlabelled half can tell
+    monkeypatch.setattr(F, "copy", types.SimpleNamespace(
+        deepcopy=lambda m: GreenTooModel().eval() if m is old else copy.deepcopy(m)))
+    res = F.finetune(old, image, labels, region=(0, 64, 0, 32), steps=2, lr=0.0, tile_size=TILE,
+                     card=glands_toy_card(), replay=[nuclei_grid()])
+    assert res.check_after.score >= res.check_before.score          # the held-back part saw nothing
+    outside = res.corrections["outside_check"]
+    assert outside["old_objects"] >= 4 and outside["pixels"] > 0
+    rnd = res.card(glands_toy_card()).corrections["rounds"][-1]
+    assert rnd["outside_check"] == outside
+    if bridge:
+        assert (outside["merged"], outside["bridged"]) == (1, 1)
+        assert not res.kept and res.model is old
+        assert res.reason == ("rolled back, it joined 2 objects the previous model kept apart "
+                              "outside your corrections")
+        assert rnd["kept"] is False and "outside your corrections" in rnd["reason"]
+        assert "Kept the previous model: rolled back, it joined 2 objects" in res.summary
+    else:
+        assert (outside["merged"], outside["split"]) == (0, 0)
+        assert res.kept and res.model is res.trained and rnd["kept"] is True
+
+
+def test_the_outside_check_can_be_turned_off_and_a_whole_image_round_has_nothing_around():
+    image, labels = nuclei_grid()
+    res = finetune(DarknessModel().eval(), image, labels, region=(0, 64, 0, 32), steps=1, lr=1e-3,
+                   tile_size=TILE, card=toy_card(), replay=[nuclei_grid()], outside_check=False)
+    assert res.corrections["outside_check"] is None
+    res = finetune(DarknessModel().eval(), image, labels, steps=1, lr=1e-3, tile_size=TILE,
+                   card=toy_card(), replay=[nuclei_grid()])
+    assert res.corrections["outside_check"] is None
