@@ -72,7 +72,7 @@ DECODER_ONLY_BELOW = 50
 # one correction crop per batch: finetune_glands_replay2_steps24.md, _crop192.md, _batch1.md).
 REPLAY_PER_BATCH = 1
 REPLAY_PER_BATCH_FEW = 2
-REPLAY_PER_BATCH_MANY = 1
+REPLAY_PER_BATCH_MANY = REPLAY_PER_BATCH
 DEFAULT_STEPS = 30
 
 
@@ -570,11 +570,10 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
     around = outside_part(reviewed) if outside else None
     if around is not None and around.any():
         # One prediction per model over the reviewed region and its neighbourhood (the whole image
-        # when that covers it, as the user segments it): the held-back check, the re-choice and
-        # the comparison outside all use it.
-        window = region_box(reviewed, OUTSIDE_MARGIN)
-        new_window = _predict_window(new, image, card, window, device)
-        old_window = _predict_window(old, image, card, window, device)
+        # when that covers it: `predict` then tiles exactly as when the user segments the image):
+        # the held-back check, the re-choice and the comparison outside all use it.
+        new_window, window = region_probabilities(new, image, card, reviewed, device, OUTSIDE_MARGIN)
+        old_window, _ = region_probabilities(old, image, card, reviewed, device, OUTSIDE_MARGIN)
         new_box = old_box = region_box(reviewed)
         new_prob = crop_probabilities(new_window, window, new_box)
         old_prob = crop_probabilities(old_window, window, old_box)
@@ -648,13 +647,6 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
             _keep_settings(result, old, old_tuned, old_params, tuned_check, reason)
             return
     _decide(result, old, kept, reason)
-
-
-def _predict_window(model: nn.Module, image, card, window: tuple[slice, slice], device) -> np.ndarray:
-    """The model's probabilities over `window` (slices); the whole image is predicted unwindowed."""
-    h, w = np.asarray(image).shape[:2]
-    box = (window[0].start, window[0].stop, window[1].start, window[1].stop)
-    return predict(model, image, card, device=device, region=None if box == (0, h, 0, w) else box)
 
 
 def _keep_settings(result: FinetuneResult, old: nn.Module, tuned, start, check: RegionScore,
