@@ -58,7 +58,8 @@ def main() -> None:
     from src_models.runtime_onnx import model_digest
     from src_models.safe_write import write_text_atomic
 
-    model, card = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    from selected_weights import for_validation   # benchmarks/: the weights that have not seen val
+    model, card = load_checkpoint(resolve_checkpoint(for_validation(args.checkpoint)))
     root = shared_dir() / "data" / DATASET_FOR_TASK[card.task] / "train"
     names = split_of(card, root / "images", "val")
     files = match_files(root / "images", root / "masks", names)

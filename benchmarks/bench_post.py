@@ -44,8 +44,9 @@ def split_names_of(card, task: str, split: str) -> list[str]:
 
 
 def load_card(task: str):
+    from selected_weights import for_validation   # benchmarks/: the weights that have not seen val
     from src_models.checkpoints import load_checkpoint
-    return load_checkpoint(task)
+    return load_checkpoint(for_validation(task))
 
 
 def cache(task: str, threads: int = 1) -> None:

@@ -159,9 +159,18 @@ def split_of(card, images_dir: str | Path, split: str) -> list[str] | None:
     key = {"val": "validation", "validation": "validation", "train": "train"}.get(split)
     if key is None:
         raise ValueError(f"split must be 'val', 'train' or 'all', got {split!r}")
-    recorded = (getattr(card, "data_split", None) or {}).get(key) if card is not None else None
+    data_split = (getattr(card, "data_split", None) or {}) if card is not None else {}
+    recorded = data_split.get(key)
     if recorded:
         return list(recorded)
+    if key == "validation" and recorded is not None and data_split.get("train"):
+        # Final all-image weights (train_recipe.py --all-images) record an empty validation split.
+        # The folder's seeded split would pick images these weights learned from.
+        raise ValueError(f"this checkpoint was trained on every image of its data set "
+                         f"({len(data_split['train'])} images, no validation split), so --split val "
+                         f"would score images it learned from; its card's validation scores are its "
+                         f"selected run's (training.selected_run). Use --split all or --names for "
+                         f"images it has not seen")
     from .data import split_names
     train, val = split_names(Path(images_dir).parent)
     return val if key == "validation" else train

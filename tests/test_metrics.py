@@ -342,3 +342,25 @@ def test_cli_evaluate_runs_a_checkpoint_on_a_split(tmp_path, capsys):
     rc = main(["evaluate", "-c", str(ckpt), "--images", str(tmp_path / "data" / "images"),
                "--masks", str(tmp_path / "data" / "masks"), "--names", str(names), "-o", str(out)])
     assert rc == 2 and "nope" in capsys.readouterr().err
+
+
+def test_cli_evaluate_refuses_the_validation_split_of_all_image_weights(tmp_path, capsys):
+    # Final weights (train_recipe.py --all-images) learned from every image: the folder's seeded
+    # validation split would silently score images they were trained on.
+    import torch
+    from napari_dca.cli import main
+    from src_models import build_model
+    from src_models.checkpoints import card_for, save_checkpoint
+    torch.set_num_threads(1)
+    _write_folder(tmp_path / "data", n=3)
+    model = build_model("unet", width=0.125)
+    ckpt = save_checkpoint(model, tmp_path / "final.safetensors",
+                           card_for(model, task="nuclei", tile_size=32,
+                                    data_split={"validation": [], "train": ["img0", "img1", "img2"]}))
+    args = ["evaluate", "-c", str(ckpt), "--images", str(tmp_path / "data" / "images"),
+            "--masks", str(tmp_path / "data" / "masks"), "-o", str(tmp_path / "eval"), "--device", "cpu"]
+    assert main(args + ["--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on every image" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "eval" / "evaluation.json").exists()
+    assert main(args + ["--split", "all"]) == 0   # every image, knowingly
