@@ -29,7 +29,7 @@ from .finetune_check import (DICE_MARGIN, REPLAY_TOLERANCE, RegionScore, choose_
                              region_probabilities, replay_crops, score_region, score_replay,
                              score_text, split_check, whole_objects_check,
                              crossing_objects, labels_in, object_changes, outside_part,
-                             OUTSIDE_MARGIN)
+                             OUTSIDE_MARGIN, check_boxes)
 from .inference import predict
 from .losses import dice_ce_loss, labels_to_target, touching_gap_weights
 from .targets import HEADS, card_target, head_channels, head_of
@@ -568,23 +568,29 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
     settings_alone = settings_alone and rechoose
     reviewed = train_valid | check
     around = outside_part(reviewed) if outside else None
+    # Objects are labelled over the same boxes whichever way the probabilities were predicted: for
+    # the held-back check over the checked part's box grown by CONTEXT (`check_boxes`), for the
+    # re-choice over the reviewed region's. Only where the probabilities come from differs: with the
+    # outside check, one window per model around the reviewed region (the whole GlaS image), else
+    # a window of just these boxes (cheaper on a slide); `predict` reads a margin of context around
+    # either, so they differ only where tiles are blended differently.
+    new_box, part_box = check_boxes(reviewed, part)
     if around is not None and around.any():
         # One prediction per model over the reviewed region and its neighbourhood (the whole image
         # when that covers it: `predict` then tiles exactly as when the user segments the image):
         # the held-back check, the re-choice and the comparison outside all use it.
         new_window, window = region_probabilities(new, image, card, reviewed, device, OUTSIDE_MARGIN)
         old_window, _ = region_probabilities(old, image, card, reviewed, device, OUTSIDE_MARGIN)
-        new_box = old_box = region_box(reviewed)
+        old_box = new_box
         new_prob = crop_probabilities(new_window, window, new_box)
         old_prob = crop_probabilities(old_window, window, old_box)
     else:
         around = None
-        new_prob, new_box = region_probabilities(new, image, card, reviewed, device)
+        new_prob, _ = region_probabilities(new, image, card, reviewed, device)
         # settings_alone re-chooses the old weights' settings too (the fallback when the new weights
         # are rolled back), which needs their probabilities over the trained-on part as well.
         old_prob, old_box = region_probabilities(old, image, card, reviewed if settings_alone else part,
                                                  device)
-    part_box = region_box(part)
     new_params = old_params
     if rechoose:
         new_params, _ = choose_postprocessing(new_prob, new_box, labels, train_valid, card, old_params,

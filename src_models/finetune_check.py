@@ -236,6 +236,17 @@ def region_box(mask: np.ndarray, context: int = CONTEXT) -> tuple[slice, slice]:
             slice(max(0, x0 - context), min(w, x1 + context)))
 
 
+def check_boxes(reviewed: np.ndarray, part: np.ndarray,
+                context: int = CONTEXT) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """(reviewed box, part box): where a round's check labels objects. The post-processing is
+    re-chosen on objects labelled over the reviewed region's box, the held-back `part` is scored on
+    objects labelled over its own box, each grown by `context` pixels, with the outside check or
+    without it: an object cut at the part's edge keeps its shape (a gland whose lumen opens at the
+    box's edge would not be filled), and the check's labels do not depend on how far around the
+    region the probabilities were predicted."""
+    return region_box(reviewed, context), region_box(part, context)
+
+
 def region_probabilities(model, image: np.ndarray, card, mask: np.ndarray, device="cpu",
                          context: int = CONTEXT) -> tuple[np.ndarray, tuple[slice, slice]]:
     """The model's probabilities over the bounding box of `mask` grown by `context` pixels, and that

@@ -830,3 +830,38 @@ def test_the_outside_check_can_be_turned_off_and_a_whole_image_round_has_nothing
     res = finetune(DarknessModel().eval(), image, labels, steps=1, lr=1e-3, tile_size=TILE,
                    card=toy_card(), replay=[nuclei_grid()])
     assert res.corrections["outside_check"] is None
+
+
+@pytest.mark.parametrize("outside_check", [True, False])
+def test_the_held_back_check_labels_its_objects_over_the_same_box_with_or_without_the_outside_check(
+        monkeypatch, outside_check):
+    # Both ways of predicting a round's check (one window around the reviewed region for the outside
+    # check, or just the reviewed region) label the held-back part's objects over that part's box
+    # grown by CONTEXT, and the re-choice's over the reviewed region's: the check does not depend
+    # on whether the outside check ran.
+    import src_models.finetune as F
+    from src_models.finetune_check import CONTEXT, region_box, split_check
+    image, labels = nuclei_grid(128)
+    region = (0, 128, 0, 48)
+    seen = {"score": [], "choose": []}
+    score, choose = F.score_region, F.choose_postprocessing
+    monkeypatch.setattr(F, "score_region", lambda prob, box, *a: (
+        seen["score"].append((box, prob.shape)), score(prob, box, *a))[1])
+    monkeypatch.setattr(F, "choose_postprocessing", lambda prob, box, *a, **k: (
+        seen["choose"].append((box, prob.shape)), choose(prob, box, *a, **k))[1])
+    res = F.finetune(DarknessModel().eval(), image, labels, region=region, steps=1, lr=1e-3,
+                     tile_size=TILE, card=glands_toy_card(), replay=[nuclei_grid()],
+                     outside_check=outside_check)
+    assert (res.corrections["outside_check"] is not None) == outside_check
+    valid = F.region_mask(region, labels.shape)
+    part_box = region_box(split_check(valid, labels, 0.25), CONTEXT)
+    assert part_box == (slice(32, 128), slice(0, 112))      # the part grown by 64 px, clipped
+    size = (part_box[0].stop - part_box[0].start, part_box[1].stop - part_box[1].start)
+    assert seen["score"] == [(part_box, size)] * 2          # before and after, same box
+    reviewed_box = region_box(valid, CONTEXT)
+    assert [b for b, _ in seen["choose"]] == [reviewed_box]
+    # on this image both windows cover it whole, so the check scores agree exactly
+    other = F.finetune(DarknessModel().eval(), image, labels, region=region, steps=1, lr=1e-3,
+                       tile_size=TILE, card=glands_toy_card(), replay=[nuclei_grid()],
+                       outside_check=not outside_check)
+    assert res.check_before == other.check_before and res.check_after == other.check_after
