@@ -65,6 +65,27 @@ def outside_text(o) -> str:
             f"({o.get('bridged', 0)} / {o.get('cut', 0)})")
 
 
+def pick_images(card, split: str = "validation", images: str | None = None) -> list[str]:
+    """The images a run corrects: the card's `split` ("validation", or "train": images the model
+    was trained on, a second set to confirm a rule on, never a measure of gain on unseen images).
+    `images`: comma-separated names, or a count (validation: the first N; train: N spread evenly
+    over the split, leaving out the images whose crops ship for replay, which the round's replay
+    check scores on)."""
+    names = list((card.data_split or {}).get(split) or [])
+    if split == "train":
+        from src_models.finetune import REPLAY_CROPS_DIR
+        shipped = {p.stem.split("__", 1)[1] for p in REPLAY_CROPS_DIR.glob(f"{card.task}__*.png")}
+        names = sorted((n for n in names if n not in shipped), key=lambda n: (len(n), n))
+    if images and images.isdigit():
+        k = int(images)
+        if split == "train" and 0 < k < len(names):
+            return [names[int(i * len(names) / k)] for i in range(k)]
+        return names[:k]
+    if images:
+        return [n.strip() for n in images.split(",") if n.strip()]
+    return names
+
+
 def weights_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
@@ -74,7 +95,11 @@ def main() -> int:
     ap.add_argument("--dataset", choices=sorted(TASK), default="GlaS")
     ap.add_argument("--checkpoint", default=None, help="default: the bundled nuclei / glands model")
     ap.add_argument("--images", default=None,
-                    help="comma-separated validation image names, or a count (default: all)")
+                    help="comma-separated image names, or a count (default: all of --split)")
+    ap.add_argument("--split", choices=("validation", "train"), default="validation",
+                    help="the card's split the images come from: validation (default; images the "
+                         "model never trained on) or train (images it trained on: a second set to "
+                         "confirm a keep rule on, see pick_images)")
     ap.add_argument("--steps", type=int, default=None, help="default: the engine's")
     ap.add_argument("--lr", type=float, default=None, help="default: the engine's")
     ap.add_argument("--replay-per-batch", type=int, default=None, help="default: the engine's")
@@ -96,11 +121,7 @@ def main() -> int:
     model_id = (f"{name} (card created {card.created}, head {card.head or 'binary'}, weights sha256 "
                 f"{weights_hash(resolve_checkpoint(name))})")
     load_start = os.getloadavg()
-    val = list((card.data_split or {}).get("validation") or [])
-    if args.images and args.images.isdigit():
-        val = val[:int(args.images)]
-    elif args.images:
-        val = [n.strip() for n in args.images.split(",") if n.strip()]
+    val = pick_images(card, args.split, args.images)
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr),
                                    ("replay_per_batch", args.replay_per_batch),
                                    ("tile_size", args.crop)) if v is not None}
@@ -109,6 +130,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/bench_finetune.py " + " ".join(sys.argv[1:])
     metric = METRIC[task]
+    split_name = ("validation" if args.split == "validation" else
+                  "TRAINING (the model was trained on these images, right halves included)")
 
     rows = []
     if args.resume and out.with_suffix(".json").exists():
@@ -123,7 +146,7 @@ def main() -> int:
         kept = [r for r in rows if r["kept"]]
         changes = [r["after"] - r["before"] for r in rows]
         worst = min(changes) if changes else float("nan")
-        lines = [f"# Fine-tuning rounds: {args.dataset} validation images, left half corrected, "
+        lines = [f"# Fine-tuning rounds: {args.dataset} {split_name} images, left half corrected, "
                  f"right half scored", "",
                  f"Command: `{command}`  ", f"Model: {model_id}  ",
                  f"Engine defaults{(' except ' + json.dumps(overrides)) if overrides else ''}; "

@@ -29,7 +29,7 @@ from .finetune_check import (DICE_MARGIN, REPLAY_TOLERANCE, RegionScore, choose_
                              region_probabilities, replay_crops, score_region, score_replay,
                              score_text, split_check, whole_objects_check,
                              crossing_objects, labels_in, object_changes, outside_part,
-                             OUTSIDE_MARGIN, check_boxes)
+                             OUTSIDE_MARGIN, check_box)
 from .inference import predict
 from .losses import dice_ce_loss, labels_to_target, touching_gap_weights
 from .targets import HEADS, card_target, head_channels, head_of
@@ -555,9 +555,8 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
     """Scores old and new weights, re-chooses the post-processing, and decides (`judge_round`).
     With `outside`, both models are also run on the image around the reviewed region
     (`outside_part`) and their objects there compared (`object_changes`, no labels needed).
-    The new weights are predicted over the reviewed region (the re-choice needs the trained-on
-    part), the old ones only over the checked part (over the reviewed region too with
-    `settings_alone`, whose re-choice needs it); both are labelled over the same box around it."""
+    Both models are predicted and labelled over the reviewed region's box (`check_box`): the
+    re-choice needs the trained-on part, the check the held-back one."""
     from .instances import InstanceParams
     old_params = InstanceParams.from_card(card)
     count_min = max(1, int(old_params.min_size))    # smaller corrected fragments are not counted
@@ -568,38 +567,32 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
     settings_alone = settings_alone and rechoose
     reviewed = train_valid | check
     around = outside_part(reviewed) if outside else None
-    # Objects are labelled over the same boxes whichever way the probabilities were predicted: for
-    # the held-back check over the checked part's box grown by CONTEXT (`check_boxes`), for the
-    # re-choice over the reviewed region's. Only where the probabilities come from differs: with the
-    # outside check, one window per model around the reviewed region (the whole GlaS image), else
-    # a window of just these boxes (cheaper on a slide); `predict` reads a margin of context around
-    # either, so they differ only where tiles are blended differently.
-    new_box, part_box = check_boxes(reviewed, part)
+    # Every object the check scores is labelled over one box, the reviewed region's grown by
+    # CONTEXT (`check_box`), with the outside check or without it: the held-back part's objects as
+    # the re-choice's, whole where they cross into the trained-on part. Only where the
+    # probabilities come from differs: with the outside check, one window per model around the
+    # reviewed region (the whole GlaS image), else that box alone (cheaper on a slide); `predict`
+    # reads a margin of context around either, so they differ only where tiles blend differently.
+    box = check_box(reviewed)
     if around is not None and around.any():
         # One prediction per model over the reviewed region and its neighbourhood (the whole image
         # when that covers it: `predict` then tiles exactly as when the user segments the image):
         # the held-back check, the re-choice and the comparison outside all use it.
         new_window, window = region_probabilities(new, image, card, reviewed, device, OUTSIDE_MARGIN)
         old_window, _ = region_probabilities(old, image, card, reviewed, device, OUTSIDE_MARGIN)
-        old_box = new_box
-        new_prob = crop_probabilities(new_window, window, new_box)
-        old_prob = crop_probabilities(old_window, window, old_box)
+        new_prob = crop_probabilities(new_window, window, box)
+        old_prob = crop_probabilities(old_window, window, box)
     else:
         around = None
         new_prob, _ = region_probabilities(new, image, card, reviewed, device)
-        # settings_alone re-chooses the old weights' settings too (the fallback when the new weights
-        # are rolled back), which needs their probabilities over the trained-on part as well.
-        old_prob, old_box = region_probabilities(old, image, card, reviewed if settings_alone else part,
-                                                 device)
+        old_prob, _ = region_probabilities(old, image, card, reviewed, device)
     new_params = old_params
     if rechoose:
-        new_params, _ = choose_postprocessing(new_prob, new_box, labels, train_valid, card, old_params,
+        new_params, _ = choose_postprocessing(new_prob, box, labels, train_valid, card, old_params,
                                               count_min)
     result.instance_params = {k: v for k, v in asdict(new_params).items() if v is not None}
-    old_part = crop_probabilities(old_prob, old_box, part_box)
-    result.check_before = score_region(old_part, part_box, labels, part, card, old_params, count_min)
-    result.check_after = score_region(crop_probabilities(new_prob, new_box, part_box), part_box,
-                                      labels, part, card, new_params, count_min)
+    result.check_before = score_region(old_prob, box, labels, part, card, old_params, count_min)
+    result.check_after = score_region(new_prob, box, labels, part, card, new_params, count_min)
     crops = replay_crops(replay, tile) if replay else []
     old_replay = [predict(old, im, card, device=device) for im, _ in crops]
     result.replay_before = score_replay(old, crops, card, old_params, count_min, device, old_replay)
@@ -626,12 +619,12 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
                                result.replay_after, held, dice_margin, tolerance, outside=changes)
     old_tuned = old_params
     if not kept and settings_alone:  # the fallback's settings: only needed once the weights lost
-        old_tuned, _ = choose_postprocessing(old_prob, old_box, labels, train_valid, card, old_params,
+        old_tuned, _ = choose_postprocessing(old_prob, box, labels, train_valid, card, old_params,
                                              count_min)
     if not kept and old_tuned != old_params:
         # The new weights lost; the old ones with settings re-chosen on the trained-on corrections
         # face the same check (held-back part, replay crops) against the old ones as they were.
-        tuned_check = score_region(old_part, part_box, labels, part, card, old_tuned, count_min)
+        tuned_check = score_region(old_prob, box, labels, part, card, old_tuned, count_min)
         tuned_replay = score_replay(old, crops, card, old_tuned, count_min, device, old_replay)
         tuned_changes = (None if around is None else   # the new settings outside, likewise
                          object_changes(old_labels_around, labels_in(old_window, card, old_tuned),

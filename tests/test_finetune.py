@@ -833,14 +833,14 @@ def test_the_outside_check_can_be_turned_off_and_a_whole_image_round_has_nothing
 
 
 @pytest.mark.parametrize("outside_check", [True, False])
-def test_the_held_back_check_labels_its_objects_over_the_same_box_with_or_without_the_outside_check(
+def test_the_check_labels_its_objects_over_the_reviewed_box_with_or_without_the_outside_check(
         monkeypatch, outside_check):
     # Both ways of predicting a round's check (one window around the reviewed region for the outside
-    # check, or just the reviewed region) label the held-back part's objects over that part's box
-    # grown by CONTEXT, and the re-choice's over the reviewed region's: the check does not depend
-    # on whether the outside check ran.
+    # check, or just the reviewed region) label the held-back part's objects and the re-choice's
+    # over one box, the reviewed region's grown by CONTEXT: the check does not depend on whether
+    # the outside check ran, and an object crossing into the trained-on part is labelled whole.
     import src_models.finetune as F
-    from src_models.finetune_check import CONTEXT, region_box, split_check
+    from src_models.finetune_check import CONTEXT, check_box, region_box
     image, labels = nuclei_grid(128)
     region = (0, 128, 0, 48)
     seen = {"score": [], "choose": []}
@@ -854,14 +854,37 @@ def test_the_held_back_check_labels_its_objects_over_the_same_box_with_or_withou
                      outside_check=outside_check)
     assert (res.corrections["outside_check"] is not None) == outside_check
     valid = F.region_mask(region, labels.shape)
-    part_box = region_box(split_check(valid, labels, 0.25), CONTEXT)
-    assert part_box == (slice(32, 128), slice(0, 112))      # the part grown by 64 px, clipped
-    size = (part_box[0].stop - part_box[0].start, part_box[1].stop - part_box[1].start)
-    assert seen["score"] == [(part_box, size)] * 2          # before and after, same box
-    reviewed_box = region_box(valid, CONTEXT)
-    assert [b for b, _ in seen["choose"]] == [reviewed_box]
+    box = check_box(valid)
+    assert box == region_box(valid, CONTEXT) == (slice(0, 128), slice(0, 112))   # grown 64 px, clipped
+    assert seen["score"] == [(box, (128, 112))] * 2          # the check before and after
+    assert seen["choose"] == [(box, (128, 112))]             # the re-choice
     # on this image both windows cover it whole, so the check scores agree exactly
     other = F.finetune(DarknessModel().eval(), image, labels, region=region, steps=1, lr=1e-3,
                        tile_size=TILE, card=glands_toy_card(), replay=[nuclei_grid()],
                        outside_check=not outside_check)
     assert res.check_before == other.check_before and res.check_after == other.check_after
+
+
+def test_a_held_back_object_crossing_into_the_trained_on_part_is_labelled_whole():
+    # One long object crossing the cut between the trained-on and the held-back part, reaching far
+    # (> CONTEXT) into the trained-on part: labelled over the held-back part's own box grown by
+    # CONTEXT it would be cut at that box's edge and lose min_size pixels there; over check_box it
+    # keeps its shape, as on the whole image.
+    from src_models.finetune_check import CONTEXT, check_box, region_box, score_region
+    labels = np.zeros((200, 40), np.int32)
+    labels[20:190, 10:30] = 1                   # one object 170 px tall
+    labels[5:15, 5:15] = 2
+    prob = (labels > 0).astype(np.float32)
+    valid = np.ones(labels.shape, bool)
+    part = np.zeros(labels.shape, bool)
+    part[150:] = True                            # the held-back strip: the object's last 40 rows
+    card = glands_toy_card()
+    from dataclasses import replace
+    from src_models.instances import InstanceParams
+    params = replace(InstanceParams.from_card(card), min_size=3000)   # only a whole object passes
+    whole = (slice(0, 200), slice(0, 40))
+    at = score_region(prob[check_box(valid)], check_box(valid), labels, part, card, params, 1)
+    assert check_box(valid) == whole and at.matched == at.objects == 1 and at.dice == 1.0
+    small = region_box(part, CONTEXT)            # rows 86-200: 104 x 20 px of the object, too small
+    cut = score_region(prob[small], small, labels, part, card, params, 1)
+    assert cut.matched == 0 and cut.dice == 0.0
