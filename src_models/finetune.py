@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .augment import flip_rot90
 from .finetune_check import (DICE_MARGIN, REPLAY_TOLERANCE, RegionScore, choose_postprocessing,
-                             crop_probabilities, informative_objects, judge_round, region_box,
+                             crop_probabilities, informative_objects, judge_round,
                              region_probabilities, replay_crops, score_region, score_replay,
                              score_text, split_check, whole_objects_check,
                              crossing_objects, labels_in, object_changes, outside_part,
