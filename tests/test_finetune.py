@@ -337,7 +337,7 @@ def test_a_check_neither_model_can_see_rolls_the_round_back():
 
 
 
-def test_when_the_weights_lose_the_rechosen_postprocessing_alone_can_be_kept():
+def test_when_the_weights_lose_the_rechosen_postprocessing_alone_can_be_kept(monkeypatch):
     # MoNuSeg TCGA-21-5786: settings chosen on the corrected half raised the unseen half's AJI
     # 0.49 -> 0.52 with the bundled weights, more than the rolled-back weights would have. Built
     # here: the card's threshold is far too low for the model (all of it is one object), the
@@ -361,7 +361,12 @@ def test_when_the_weights_lose_the_rechosen_postprocessing_alone_can_be_kept():
     assert rnd["kept"] is True and rnd["weights_kept"] is False and rnd["settings_check"]["kept"]
     assert new_card.instance_params["threshold"] == res.instance_params["threshold"]
     default = finetune(model, image, labels, steps=6, lr=50.0, tile_size=TILE, card=card,
-                       replay=[nuclei_grid()])                 # the default: the fallback is on
+                       replay=[nuclei_grid()])   # the default on 16 objects (< DECODER_ONLY_BELOW): off
+    assert not default.kept and not default.weights_kept and "settings_check" not in default.corrections
+    import src_models.finetune as F
+    monkeypatch.setattr(F, "DECODER_ONLY_BELOW", 10)          # 12 trained-on objects count as many
+    default = finetune(model, image, labels, steps=6, lr=50.0, tile_size=TILE, card=card,
+                       replay=[nuclei_grid()])                 # the default on many objects: on
     assert default.kept and not default.weights_kept and default.corrections["settings_check"]["kept"]
     off = finetune(model, image, labels, steps=6, lr=50.0, tile_size=TILE, card=card,
                    replay=[nuclei_grid()], settings_alone=False)   # off: weights or nothing
