@@ -340,7 +340,8 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
              replay_tolerance: float = REPLAY_TOLERANCE, dice_margin: float = DICE_MARGIN,
              rechoose_postprocessing: bool = True, settings_alone: bool | None = None,
              anchor: float = 0.0, crossing: str = "split", edge: str = "boundary",
-             outside_check: bool = True, device: str = "cpu") -> FinetuneResult:
+             outside_check: bool = True, channels_last: bool = False,
+             device: str = "cpu") -> FinetuneResult:
     """One safe round: train a copy of `model` on corrected labels of one image, check it on the part
     of the corrections it did not train on (and on the model's training data), keep it only if it
     is at least as good there.
@@ -363,6 +364,8 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     gap_weight: loss weight on background gaps between touching objects (`touching_gap_weights`),
     by default what the checkpoint was trained with (its card), else 1 (off).
     warmup_steps: the learning rate rises linearly over these first steps.
+    channels_last: train in the NHWC memory layout (off by default: measured faster, not yet
+    benchmarked for what the rounds gain; the returned weights are contiguous either way).
     anchor: strength of an L2 pull of every trained weight towards its value before the round
     ("L2-SP": the gradient of anchor/2 * ||w - w_start||^2 joins the loss's), so a round cannot
     move far from the model it starts from; 0 (default) is off.
@@ -462,6 +465,11 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
                               gap_radius, card) if fits else None)
 
     new = copy.deepcopy(model)
+    if channels_last:
+        # NHWC activations: oneDNN's convolutions run faster that way on a CPU (a training step of the
+        # glands model ~0.9x the CPU time, benchmarks/results/finetune_speed.md); the weights go back
+        # to the usual layout after training (checkpoints are written from contiguous tensors)
+        new = new.to(memory_format=torch.channels_last)
     dev = next(new.parameters()).device
     prefixes = encoder_prefixes(new) if train == "decoder" else ()
     params = []
@@ -491,6 +499,8 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
         if replayer is not None and replay_per_batch > 0:
             parts = [torch.cat(pair) for pair in zip(parts, replayer.batch(rng, replay_per_batch))]
         x, t, v, w = (a.to(dev) for a in parts)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         loss = dice_ce_loss(new(x), t, v, pixel_weight=w)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -508,13 +518,15 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
             progress(step + 1, steps, value)
     for p in new.parameters():
         p.requires_grad_(True)
+    if channels_last:
+        new = new.to(memory_format=torch.contiguous_format)
     new.eval()
     steps_done = len(history)
     train_seconds = time.perf_counter() - t0
     corrections.update({"steps": steps_done, "lr": lr, "train": train, "tile_size": tile,
                         "batch_size": batch_size, "replay_per_batch": replay_per_batch, "seed": seed, "gap_weight": gap,
                         "warmup_steps": warm, "anchor": anchor,
-                        "crossing": crossing, "edge": edge,
+                        "crossing": crossing, "edge": edge, "channels_last": channels_last,
                         "replay_images": len(replayer.items) if replayer is not None else 0,
                         "final_loss": history[-1] if history else None, "stopped": stopped,
                         "held_back_pixels": int(check.sum())})

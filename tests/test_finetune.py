@@ -893,3 +893,15 @@ def test_a_held_back_object_crossing_into_the_trained_on_part_is_labelled_whole(
     small = region_box(part, CONTEXT)            # rows 86-200: 104 x 20 px of the object, too small
     cut = score_region(prob[small], small, labels, part, card, params, 1)
     assert cut.matched == 0 and cut.dice == 0.0
+
+
+def test_a_channels_last_round_learns_the_same_and_returns_contiguous_weights(tiny):
+    image, labels = toy_image()
+    runs = [finetune(tiny, image, labels, steps=3, lr=1e-3, tile_size=TILE, replay=None,
+                     channels_last=cl) for cl in (False, True)]
+    plain, nhwc = (weights(r.trained) for r in runs)
+    assert runs[1].corrections["channels_last"] is True
+    for k, v in nhwc.items():
+        assert v.is_contiguous()                          # checkpoints are written from these
+        assert torch.allclose(v.float(), plain[k].float(), atol=1e-4), k
+    assert runs[1].loss_history == pytest.approx(runs[0].loss_history, rel=1e-4)
