@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from src_models import metrics as M  # noqa: E402
 from src_models.checkpoints import load_checkpoint, resolve_checkpoint  # noqa: E402
+from selected_weights import for_validation  # noqa: E402  (the weights that have not seen val)
 from src_models.data import load_samples  # noqa: E402
 from src_models.finetune import finetune  # noqa: E402
 from src_models.inference import predict  # noqa: E402
@@ -116,7 +117,7 @@ def main() -> int:
 
     task = TASK[args.dataset]
     root = DATA / args.dataset / "train"
-    name = args.checkpoint or task
+    name = args.checkpoint or for_validation(task)
     model, card = load_checkpoint(name)
     model_id = (f"{name} (card created {card.created}, head {card.head or 'binary'}, weights sha256 "
                 f"{weights_hash(resolve_checkpoint(name))})")

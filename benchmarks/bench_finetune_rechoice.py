@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_finetune import DATA, METRIC, TASK, object_score  # noqa: E402  (same dataset, same scores)
 from src_models.checkpoints import load_checkpoint  # noqa: E402
+from selected_weights import for_validation  # noqa: E402  (the weights that have not seen val)
 from src_models.data import load_samples  # noqa: E402
 from src_models.finetune_check import choose_postprocessing, labels_in  # noqa: E402
 from src_models.inference import predict  # noqa: E402
@@ -53,7 +54,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     task = TASK[args.dataset]
-    name = args.checkpoint or task
+    name = args.checkpoint or for_validation(task)
     model, card = load_checkpoint(name)
     val = list((card.data_split or {}).get("validation") or [])
     if args.images:

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_finetune import DATA, TASK, object_score, pick_images  # noqa: E402
 from src_models.checkpoints import load_checkpoint  # noqa: E402
+from selected_weights import for_validation  # noqa: E402  (the weights that have not seen val)
 from src_models.data import load_samples  # noqa: E402
 from src_models.finetune import finetune, region_mask  # noqa: E402
 from src_models.finetune_check import split_check  # noqa: E402
@@ -51,7 +52,7 @@ def _score(s):
 def dump(args) -> None:
     torch.set_num_threads(1)
     task = TASK[args.dataset]
-    model, card = load_checkpoint(task)
+    model, card = load_checkpoint(for_validation(task))
     variant = json.loads(args.variant) if args.variant else {}
     names = pick_images(card, args.split, args.images)
     out = Path(args.out)

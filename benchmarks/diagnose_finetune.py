@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from src_models import finetune as F  # noqa: E402
 from src_models import metrics as M  # noqa: E402
 from src_models.checkpoints import load_checkpoint  # noqa: E402
+from selected_weights import for_validation  # noqa: E402  (the weights that have not seen val)
 from src_models.data import load_samples  # noqa: E402
 from src_models.inference import predict  # noqa: E402
 from src_models.instances import InstanceMaker  # noqa: E402
@@ -38,7 +39,7 @@ DATA = Path("/work/shared/data")
 def main(dataset: str, names: str, variants: str) -> None:
     torch.set_num_threads(1)
     task = {"GlaS": "glands", "MoNuSeg": "nuclei"}[dataset]
-    model, card = load_checkpoint(task)
+    model, card = load_checkpoint(for_validation(task))
     root = DATA / dataset / "train"
 
     def score(gt, lab, cols):

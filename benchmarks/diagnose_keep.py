@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_finetune import DATA, object_score  # noqa: E402
 from src_models.checkpoints import load_checkpoint  # noqa: E402
+from selected_weights import for_validation  # noqa: E402  (the weights that have not seen val)
 from src_models.data import load_samples  # noqa: E402
 from src_models.finetune import bundled_replay, finetune, region_mask  # noqa: E402
 from src_models.finetune_check import (RegionScore, choose_postprocessing, compare_labels,  # noqa: E402
@@ -74,7 +75,7 @@ def on_crops(model, crops, card, params, min_size, probs=None):
 
 
 def rounds(task: str, names: list[str], kwargs: dict | None = None) -> None:
-    model, card = load_checkpoint(task)
+    model, card = load_checkpoint(for_validation(task))
     root = DATA / DATASET[task] / "train"
     p0 = InstanceParams.from_card(card)
     mins = max(1, int(p0.min_size))
@@ -102,7 +103,7 @@ def rounds(task: str, names: list[str], kwargs: dict | None = None) -> None:
 
 
 def settings(task: str, names: list[str]) -> None:
-    model, card = load_checkpoint(task)
+    model, card = load_checkpoint(for_validation(task))
     p0 = InstanceParams.from_card(card)
     mins = max(1, int(p0.min_size))
     none = RegionScore(1, 1, 1.0, "dice", 1.0, 1)      # the replay check is left out here
@@ -130,7 +131,7 @@ def settings(task: str, names: list[str]) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     what, task = sys.argv[1], sys.argv[2]
-    _, card = load_checkpoint(task)
+    _, card = load_checkpoint(for_validation(task))
     images = sys.argv[3].split(",") if len(sys.argv) > 3 else list(card.data_split["validation"])
     if what == "rounds":
         import json

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_finetune import DATA, TASK, object_score  # noqa: E402
 from src_models.checkpoints import load_checkpoint  # noqa: E402
+from selected_weights import for_validation  # noqa: E402  (the weights that have not seen val)
 from src_models.data import load_samples  # noqa: E402
 from src_models.finetune import bundled_replay, finetune, region_mask  # noqa: E402
 from src_models.finetune_check import (RegionScore, choose_postprocessing, judge_round,  # noqa: E402
@@ -78,7 +79,7 @@ def score_dict(s: RegionScore | None):
 def run(args) -> None:
     torch.set_num_threads(1)
     task = TASK[args.dataset]
-    model, card = load_checkpoint(task)
+    model, card = load_checkpoint(for_validation(task))
     variant = json.loads(args.variant) if args.variant else {}
     val = list(card.data_split["validation"])
     if args.images:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_finetune import DATA, TASK, object_score  # noqa: E402
 from src_models import metrics as M  # noqa: E402
 from src_models.checkpoints import load_checkpoint  # noqa: E402
+from selected_weights import for_validation  # noqa: E402  (the weights that have not seen val)
 from src_models.data import load_samples  # noqa: E402
 from src_models.finetune import finetune  # noqa: E402
 from src_models.inference import predict  # noqa: E402
@@ -41,7 +42,7 @@ from src_models.instances import InstanceMaker, InstanceParams  # noqa: E402
 def dump(args) -> None:
     torch.set_num_threads(1)
     task = TASK[args.dataset]
-    model, card = load_checkpoint(task)
+    model, card = load_checkpoint(for_validation(task))
     val = list(card.data_split["validation"])
     if args.images:
         val = [n for n in args.images.split(",") if n]
@@ -78,7 +79,7 @@ def load(path: Path):
 
 
 def _card(task: str):
-    return load_checkpoint(task)[1]
+    return load_checkpoint(for_validation(task))[1]
 
 
 def objects(args) -> None:

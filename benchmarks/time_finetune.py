@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from src_models.checkpoints import load_checkpoint  # noqa: E402
+from selected_weights import for_validation  # noqa: E402  (the weights that have not seen val)
 from src_models.data import load_samples  # noqa: E402
 from src_models.finetune import finetune  # noqa: E402
 
@@ -29,7 +30,7 @@ from src_models.finetune import finetune  # noqa: E402
 def main(dataset: str, name: str, variants: str, repeats: str = "2") -> None:
     torch.set_num_threads(1)
     task = {"GlaS": "glands", "MoNuSeg": "nuclei"}[dataset]
-    model, card = load_checkpoint(task)
+    model, card = load_checkpoint(for_validation(task))
     s = load_samples(Path("/work/shared/data") / dataset / "train", [name])[0]
     h, w = s.mask.shape
     region = (0, h, 0, w // 2)

@@ -50,3 +50,22 @@ def test_final_of_refuses_weights_that_have_a_validation_split(tmp_path):
     _, card = load_checkpoint(selected)
     with pytest.raises(SystemExit, match="not an all-image run"):
         ship_script().final_card(card, str(selected), "")
+
+
+def test_bundled_all_image_models_keep_their_selected_weights():
+    # A bundled model shipped with --final-of has seen its validation images; benchmarks score its
+    # selected run instead, whose weights must be in benchmarks/weights/ and match the card's record.
+    import sys
+    sys.path.insert(0, str(SCRIPT.parents[1] / "benchmarks"))
+    from selected_weights import for_validation
+    from src_models.checkpoints import bundled_checkpoints
+    finals = [n for n in bundled_checkpoints() if (load_checkpoint(n)[1].training or {}).get("selected_run")]
+    for name in finals:
+        _, card = load_checkpoint(name)
+        path = for_validation(name)
+        assert path.endswith(f"{name}_selected.safetensors")
+        _, selected = load_checkpoint(path)
+        assert selected.data_split["validation"] and not card.data_split["validation"]
+        assert set(selected.data_split["validation"]) <= set(card.data_split["train"])
+        assert selected.metrics["validation"] == card.metrics["validation"]
+        assert selected.instance_params == card.instance_params

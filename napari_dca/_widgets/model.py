@@ -351,6 +351,6 @@ def _fmt(v) -> str:
 
 
 def _short(v) -> str:
-    if isinstance(v, (list, tuple)):
-        return f"{len(v)} items" if len(v) > 4 else ", ".join(map(str, v))
+    if isinstance(v, (list, tuple)):   # an empty validation list: all-image weights
+        return f"{len(v)} items" if len(v) > 4 else ", ".join(map(str, v)) or "none"
     return _fmt(v)
