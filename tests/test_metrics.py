@@ -315,18 +315,22 @@ def test_cli_evaluate_scores_existing_predictions(tmp_path):
     assert data["overall"]["object_f1"] == 1.0 and data["overall"]["object_hausdorff"] == 0.0
 
 
-def test_cli_evaluate_runs_a_checkpoint_on_a_split(tmp_path, capsys):
-    import json
+def _tiny_checkpoint_on_folder(tmp_path, data_split):
+    """Three image/mask pairs under tmp_path/data and an untrained tiny checkpoint with data_split."""
     import torch
-    from napari_dca.cli import main
     from src_models import build_model
     from src_models.checkpoints import card_for, save_checkpoint
     torch.set_num_threads(1)
     _write_folder(tmp_path / "data", n=3)
     model = build_model("unet", width=0.125)
-    ckpt = save_checkpoint(model, tmp_path / "tiny.safetensors",
-                           card_for(model, task="nuclei", tile_size=32,
-                                    data_split={"validation": ["img1"], "train": ["img0", "img2"]}))
+    return save_checkpoint(model, tmp_path / "tiny.safetensors",
+                           card_for(model, task="nuclei", tile_size=32, data_split=data_split))
+
+
+def test_cli_evaluate_runs_a_checkpoint_on_a_split(tmp_path, capsys):
+    import json
+    from napari_dca.cli import main
+    ckpt = _tiny_checkpoint_on_folder(tmp_path, {"validation": ["img1"], "train": ["img0", "img2"]})
     out = tmp_path / "eval"
     rc = main(["evaluate", "-c", str(ckpt), "--images", str(tmp_path / "data" / "images"),
                "--masks", str(tmp_path / "data" / "masks"), "--split", "val", "-o", str(out),
@@ -347,16 +351,8 @@ def test_cli_evaluate_runs_a_checkpoint_on_a_split(tmp_path, capsys):
 def test_cli_evaluate_refuses_the_validation_split_of_all_image_weights(tmp_path, capsys):
     # Final weights (train_recipe.py --all-images) learned from every image: the folder's seeded
     # validation split would silently score images they were trained on.
-    import torch
     from napari_dca.cli import main
-    from src_models import build_model
-    from src_models.checkpoints import card_for, save_checkpoint
-    torch.set_num_threads(1)
-    _write_folder(tmp_path / "data", n=3)
-    model = build_model("unet", width=0.125)
-    ckpt = save_checkpoint(model, tmp_path / "final.safetensors",
-                           card_for(model, task="nuclei", tile_size=32,
-                                    data_split={"validation": [], "train": ["img0", "img1", "img2"]}))
+    ckpt = _tiny_checkpoint_on_folder(tmp_path, {"validation": [], "train": ["img0", "img1", "img2"]})
     args = ["evaluate", "-c", str(ckpt), "--images", str(tmp_path / "data" / "images"),
             "--masks", str(tmp_path / "data" / "masks"), "-o", str(tmp_path / "eval"), "--device", "cpu"]
     assert main(args + ["--split", "val"]) == 2
