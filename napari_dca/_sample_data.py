@@ -13,7 +13,7 @@ SAMPLES_DIR = Path(__file__).parent / "samples"
 
 GLANDS = {
     "file": "glands_GlaS_train_12",
-    "name": "H&E glands (GlaS train_12, validation split)",
+    "name": "H&E glands (GlaS train_12, in the bundled model's training data)",
     "task": "glands",
     "licence": "GlaS: research use only, no commercial use",
     "citation": ("Sirinukunwattana et al., IEEE TMI 34(11) 2015; "
@@ -21,7 +21,7 @@ GLANDS = {
 }
 NUCLEI = {
     "file": "nuclei_MoNuSeg_TCGA-21-5786-01Z-00-DX1",
-    "name": "H&E nuclei (MoNuSeg TCGA-21-5786, validation split)",
+    "name": "H&E nuclei (MoNuSeg TCGA-21-5786, in the bundled model's training data)",
     "task": "nuclei",
     "licence": "MoNuSeg: CC BY-NC-SA 4.0",
     "citation": "Kumar et al., IEEE TMI 36(7) 2017; Kumar et al., IEEE TMI 39(5) 2020",

@@ -15,8 +15,9 @@ import numpy as np
 SIZE = 512
 SAMPLES = {
     # file stem in this folder: (dataset, image name, top, left)
-    # Both images are in napari-dca's validation split (src_models.data.split_names), never trained
-    # on, so a bundled model's result on them is an honest preview.
+    # Both images are in napari-dca's validation split (src_models.data.split_names): the
+    # validation-selected runs never trained on them, but the bundled final all-image weights did,
+    # so a bundled model's result on them looks better than on a new slide (the layer name says so).
     "glands_GlaS_train_12": ("GlaS", "train_12", 0, 31),
     "nuclei_MoNuSeg_TCGA-21-5786-01Z-00-DX1": ("MoNuSeg", "TCGA-21-5786-01Z-00-DX1", 244, 244),
 }
