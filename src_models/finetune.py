@@ -340,7 +340,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
              replay_tolerance: float = REPLAY_TOLERANCE, dice_margin: float = DICE_MARGIN,
              rechoose_postprocessing: bool = True, settings_alone: bool | None = None,
              anchor: float = 0.0, crossing: str = "split", edge: str = "boundary",
-             outside_check: bool = True, channels_last: bool = False,
+             outside_check: bool = True, channels_last: bool = True,
              device: str = "cpu") -> FinetuneResult:
     """One safe round: train a copy of `model` on corrected labels of one image, check it on the part
     of the corrections it did not train on (and on the model's training data), keep it only if it
@@ -364,8 +364,10 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     gap_weight: loss weight on background gaps between touching objects (`touching_gap_weights`),
     by default what the checkpoint was trained with (its card), else 1 (off).
     warmup_steps: the learning rate rises linearly over these first steps.
-    channels_last: train in the NHWC memory layout (off by default: measured faster, not yet
-    benchmarked for what the rounds gain; the returned weights are contiguous either way).
+    channels_last: train in the NHWC memory layout (default; the returned weights are contiguous
+    either way): a GlaS round 17.3 against 18.9 CPU s alternating in one run, and every round's
+    decision the same over the GlaS and MoNuSeg validation images (finetune_glands_s9_channels_last.md,
+    finetune_nuclei_s9_channels_last.md).
     anchor: strength of an L2 pull of every trained weight towards its value before the round
     ("L2-SP": the gradient of anchor/2 * ||w - w_start||^2 joins the loss's), so a round cannot
     move far from the model it starts from; 0 (default) is off.
