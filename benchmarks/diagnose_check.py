@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_finetune import DATA, TASK, object_score, pick_images  # noqa: E402
+from diagnose_rounds import score_dict  # noqa: E402
 from src_models.checkpoints import load_checkpoint  # noqa: E402
 from selected_weights import for_validation  # noqa: E402  (the weights that have not seen val)
 from src_models.data import load_samples  # noqa: E402
@@ -39,14 +40,6 @@ from src_models.finetune import finetune, region_mask  # noqa: E402
 from src_models.finetune_check import split_check  # noqa: E402
 from src_models.inference import predict  # noqa: E402
 from src_models.instances import InstanceParams, InstanceMaker  # noqa: E402
-
-
-def _score(s):
-    if s is None:
-        return None
-    d = s.to_dict()
-    d["found"] = list(s.found) if s.found is not None else None
-    return d
 
 
 def dump(args) -> None:
@@ -78,8 +71,8 @@ def dump(args) -> None:
                 "kept": res.kept, "weights_kept": res.weights_kept, "reason": res.reason,
                 "before": before, "trained": trained, "old_params": asdict(p0),
                 "new_params": new_params, "seconds": seconds,
-                "check_before": _score(res.check_before), "check_after": _score(res.check_after),
-                "replay_before": _score(res.replay_before), "replay_after": _score(res.replay_after),
+                "check_before": score_dict(res.check_before), "check_after": score_dict(res.check_after),
+                "replay_before": score_dict(res.replay_before), "replay_after": score_dict(res.replay_after),
                 "outside": res.corrections.get("outside_check"),
                 "settings_check": res.corrections.get("settings_check")}
         np.savez_compressed(out / f"{sample.name}.npz", gt=gt, check=check,

@@ -18,58 +18,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_finetune import DATA, TASK, object_score  # noqa: E402
+from bench_finetune import TASK  # noqa: E402
 from src_models import metrics as M  # noqa: E402
 from src_models.checkpoints import load_checkpoint  # noqa: E402
 from selected_weights import for_validation  # noqa: E402  (the weights that have not seen val)
-from src_models.data import load_samples  # noqa: E402
-from src_models.finetune import finetune  # noqa: E402
-from src_models.inference import predict  # noqa: E402
-from src_models.instances import InstanceMaker, InstanceParams  # noqa: E402
+from src_models.instances import InstanceMaker  # noqa: E402
 
 
 def dump(args) -> None:
-    torch.set_num_threads(1)
-    task = TASK[args.dataset]
-    model, card = load_checkpoint(for_validation(task))
-    val = list(card.data_split["validation"])
-    if args.images:
-        val = [n for n in args.images.split(",") if n]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    p0 = InstanceParams.from_card(card)
-    for sample in load_samples(DATA / args.dataset / "train", [n for n in val
-                                                               if not (out / f"{n}.npz").exists()]):
-        image, gt = sample.image, sample.mask
-        h, w = gt.shape
-        t = time.perf_counter()
-        res = finetune(model, image, gt, region=(0, h, 0, w // 2), card=card)
-        seconds = time.perf_counter() - t
-        old_prob = predict(model, image, card, device="cpu")
-        new_prob = predict(res.trained, image, card, device="cpu")
-        new_params = {**asdict(p0), **(res.corrections.get("instance_params") or {})}
-        right = slice(w // 2, w)
-        before = object_score(task, gt[:, right], InstanceMaker(old_prob, card).labels()[:, right])
-        trained = object_score(task, gt[:, right],
-                               InstanceMaker(new_prob, card).labels(**new_params)[:, right])
-        meta = {"image": sample.name, "task": task, "kept": res.kept, "weights_kept": res.weights_kept,
-                "reason": res.reason, "before": before, "trained": trained,
-                "old_params": asdict(p0), "new_params": new_params, "seconds": seconds}
-        np.savez_compressed(out / f"{sample.name}.npz", gt=gt, old=old_prob.astype(np.float16),
-                            new=new_prob.astype(np.float16), meta=json.dumps(meta))
-        print(f"{sample.name}: before {before:.3f} trained {trained:.3f} kept={res.kept} "
-              f"({seconds:.1f} s) {res.reason}", flush=True)
+    # The same round and dump as diagnose_check.py's (engine defaults, validation images); its npz
+    # files hold everything this script reads, and more.
+    from diagnose_check import dump as dump_rounds
+    dump_rounds(argparse.Namespace(**vars(args), variant=None, split="validation"))
 
 
 def load(path: Path):
