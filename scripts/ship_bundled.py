@@ -38,29 +38,32 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from src_models.checkpoints import PRETRAINED_DIR, load_checkpoint, save_checkpoint
 
+    name = args.name or args.task
+    if not name.startswith(args.task):
+        sys.exit(f"--name {name} must start with the task ({args.task}), so that the list groups it")
     model, card = load_checkpoint(args.checkpoint)
     if args.final_of:
         final_card(card, args.final_of, args.note)
-        out = save_checkpoint(model, PRETRAINED_DIR / f"{args.name or args.task}.safetensors", card)
-        print(f"wrote {out}")
-        return
-    if not args.evaluations:
+    elif args.evaluations:
+        selection_card(card, args.evaluations, args.speed, args.note)
+    else:
         sys.exit("give the winner's evaluation.json (and the others'), or --final-of")
+    out = save_checkpoint(model, PRETRAINED_DIR / f"{name}.safetensors", card)
+    print(f"wrote {out}")
+
+
+def selection_card(card, evaluations: list[str], speed: str | None, note: str) -> None:
+    """The winner's validation scores, every compared run (`training.selection`), the note."""
     runs = []
-    for path in args.evaluations:
+    for path in evaluations:
         report = json.loads(Path(path).read_text())
         runs.append({"evaluation": str(path), "overall": report["overall"],
                      "checkpoint": report.get("meta", {}).get("checkpoint")})
     card.metrics = {"validation": {k: v for k, v in runs[0]["overall"].items() if v is not None}
                     | {"step": card.training.get("best_step"), "images": len(card.data_split.get("validation", []))}}
-    if args.speed:
-        card.metrics["speed_1000"] = json.loads(Path(args.speed).read_text())
-    card.training = dict(card.training) | {"selection": runs, "note": args.note}
-    name = args.name or args.task
-    if not name.startswith(args.task):
-        sys.exit(f"--name {name} must start with the task ({args.task}), so that the list groups it")
-    out = save_checkpoint(model, PRETRAINED_DIR / f"{name}.safetensors", card)
-    print(f"wrote {out}")
+    if speed:
+        card.metrics["speed_1000"] = json.loads(Path(speed).read_text())
+    card.training = dict(card.training) | {"selection": runs, "note": note}
 
 
 def final_card(card, selected_path: str, note: str) -> None:

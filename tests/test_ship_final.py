@@ -59,9 +59,10 @@ def test_bundled_all_image_models_keep_their_selected_weights():
     sys.path.insert(0, str(SCRIPT.parents[1] / "benchmarks"))
     from selected_weights import for_validation
     from src_models.checkpoints import bundled_checkpoints
-    finals = [n for n in bundled_checkpoints() if (load_checkpoint(n)[1].training or {}).get("selected_run")]
-    for name in finals:
+    for name in bundled_checkpoints():
         _, card = load_checkpoint(name)
+        if not (card.training or {}).get("selected_run"):
+            continue
         path = for_validation(name)
         assert path.endswith(f"{name}_selected.safetensors")
         _, selected = load_checkpoint(path)
