@@ -80,12 +80,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def segment_once(model, card, image, runtime: str) -> tuple[float, float, int]:
-    """(probabilities s, instances s, objects) of one whole-image Segment-widget job."""
+def segment_once(model, card, image, runtime: str, overlap: float | None = None
+                 ) -> tuple[float, float, int]:
+    """(probabilities s, instances s, objects) of one whole-image Segment-widget job (the card's
+    tile overlap unless `overlap` is given)."""
     from src_models.inference import predict
     from src_models.instances import InstanceMaker
     t0 = time.perf_counter()
-    probs = predict(model, image, card, device="cpu", runtime=runtime)
+    probs = predict(model, image, card, device="cpu", runtime=runtime, overlap=overlap)
     t1 = time.perf_counter()
     labels = InstanceMaker(probs, card, mode=card.task).labels()
     t2 = time.perf_counter()
@@ -93,10 +95,11 @@ def segment_once(model, card, image, runtime: str) -> tuple[float, float, int]:
 
 
 def measure(checkpoint: str, *, threads: int, repeats: int, runtime: str, size: int = 1000,
-            command: str = "") -> dict:
+            command: str = "", overlap: float | None = None) -> dict:
     import torch
     from src_models import runtime_onnx
     from src_models.checkpoints import load_checkpoint
+    from src_models.inference import overlap_for, tile_for, image_layout, tile_starts
     torch.set_num_threads(threads)
     load_start = os.getloadavg()[0]
     model, card = load_checkpoint(checkpoint)
@@ -104,12 +107,14 @@ def measure(checkpoint: str, *, threads: int, repeats: int, runtime: str, size: 
     used = runtime_onnx.resolve_runtime(runtime, "cpu")
     with warnings.catch_warnings(record=True) as caught:  # warm-up (exports the graph if needed)
         warnings.simplefilter("always", runtime_onnx.RuntimeFallbackWarning)
-        _, _, objects = segment_once(model, card, image, runtime)
+        _, _, objects = segment_once(model, card, image, runtime, overlap)
     fallback = [w for w in caught if issubclass(w.category, runtime_onnx.RuntimeFallbackWarning)]
     if fallback:
         used = "torch"
         print(f"note: {fallback[0].message}", file=sys.stderr)
-    runs = [segment_once(model, card, image, runtime) for _ in range(repeats)]
+    runs = [segment_once(model, card, image, runtime, overlap) for _ in range(repeats)]
+    used_overlap = overlap_for(card, overlap)
+    tile = tile_for(image_layout(image.shape), card)
     return {
         "seconds": round(statistics.median(p + i for p, i, _ in runs), 4),
         "probabilities_s": round(statistics.median(p for p, _, _ in runs), 4),
@@ -123,6 +128,8 @@ def measure(checkpoint: str, *, threads: int, repeats: int, runtime: str, size: 
         "image": source,
         "size": int(size),
         "objects": objects,
+        "overlap": used_overlap,
+        "tiles": len(tile_starts(size, tile, used_overlap)) ** 2,
         "task": card.task,
         "load_average": f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end",
         "torch": torch.__version__,
@@ -138,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino"])
     ap.add_argument("--json", default=None, metavar="OUT.json", help="write the result here")
+    ap.add_argument("--overlap", type=float, default=None,
+                    help="tile overlap (default: the checkpoint card's)")
     ap.add_argument("--size", type=int, default=1000, help=argparse.SUPPRESS)  # tests only
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
@@ -145,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--repeats and --threads must be at least 1")
     warnings.simplefilter("ignore", FutureWarning)
     result = measure(args.checkpoint, threads=args.threads, repeats=args.repeats,
-                     runtime=args.runtime, size=args.size,
+                     runtime=args.runtime, size=args.size, overlap=args.overlap,
                      command=" ".join(["python", "benchmarks/time_1000.py"]
                                       + [shlex.quote(a) for a in argv]))
     print(f"{args.checkpoint}: {result['seconds']:.3f} s for {args.size}x{args.size} "

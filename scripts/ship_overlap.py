@@ -5,7 +5,9 @@
 
 OUT.json (from `bench_overlap.py`) must hold the new overlap and the model's current one, measured
 on the same images with this model's weights (runtime_onnx.model_digest, checked against the
-digest the benchmark recorded). The card gets `overlap` and `training.overlap_choice` (previous value,
+digest the benchmark recorded), or with its validation-selected run's weights
+(benchmarks/weights/NAME_selected.safetensors), which is what bench_overlap scores for a final
+all-image model. The card gets `overlap` and `training.overlap_choice` (previous value,
 both rows' means and tile counts, the evidence file and the note); the weights and every other
 field stay as they were. Written atomically (checkpoints.save_checkpoint).
 """
@@ -15,6 +17,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+
+def selected_run_digest(name: str) -> str | None:
+    """model_digest of the bundled model's validation-selected run, when its card names one."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from selected_weights import for_validation
+    from src_models.checkpoints import load_checkpoint
+    from src_models.runtime_onnx import model_digest
+    path = for_validation(name)
+    return model_digest(load_checkpoint(path)[0]) if path != name else None
 
 
 def main() -> None:
@@ -37,10 +49,17 @@ def main() -> None:
     missing = [o for o in (args.overlap, previous) if str(o) not in rows]
     if missing:
         sys.exit(f"{args.evidence} has no row for overlap {missing}: measure both with bench_overlap.py")
+    measured_on = "these weights"
     if evidence.get("weights") != model_digest(model):
-        sys.exit(f"{args.evidence} was measured with other weights than {path}'s")
+        # A final all-image model is benchmarked on its validation-selected run's weights
+        # (benchmarks/selected_weights.py): the tiling's evidence then comes from that run.
+        selected = selected_run_digest(args.name)
+        if evidence.get("weights") != selected:
+            sys.exit(f"{args.evidence} was measured with other weights than {path}'s "
+                     f"(or its selected run's)")
+        measured_on = "the selected run's weights (training.selected_run)"
     choice = {"previous": previous, "value": args.overlap, "size": evidence["size"],
-              "images": len(evidence["images"]), "evidence": str(args.evidence), "note": args.note,
+              "images": len(evidence["images"]), "evidence": str(args.evidence), "measured_on": measured_on, "note": args.note,
               "rows": {o: {"means": rows[o]["means"], "tiles": rows[o]["tiles"]}
                        for o in (str(previous), str(args.overlap))}}
     card.overlap = args.overlap
