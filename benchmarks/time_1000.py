@@ -80,14 +80,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def segment_once(model, card, image, runtime: str, overlap: float | None = None
-                 ) -> tuple[float, float, int]:
+def segment_once(model, card, image, runtime: str, overlap: float | None = None,
+                 tile: int | None = None) -> tuple[float, float, int]:
     """(probabilities s, instances s, objects) of one whole-image Segment-widget job (the card's
-    tile overlap unless `overlap` is given)."""
+    tile size and overlap unless `tile` / `overlap` are given)."""
     from src_models.inference import predict
     from src_models.instances import InstanceMaker
     t0 = time.perf_counter()
-    probs = predict(model, image, card, device="cpu", runtime=runtime, overlap=overlap)
+    probs = predict(model, image, card, device="cpu", runtime=runtime, overlap=overlap,
+                    tile_size=tile)
     t1 = time.perf_counter()
     labels = InstanceMaker(probs, card, mode=card.task).labels()
     t2 = time.perf_counter()
@@ -95,7 +96,7 @@ def segment_once(model, card, image, runtime: str, overlap: float | None = None
 
 
 def measure(checkpoint: str, *, threads: int, repeats: int, runtime: str, size: int = 1000,
-            command: str = "", overlap: float | None = None) -> dict:
+            command: str = "", overlap: float | None = None, tile: int | None = None) -> dict:
     import torch
     from src_models import runtime_onnx
     from src_models.checkpoints import load_checkpoint
@@ -107,14 +108,14 @@ def measure(checkpoint: str, *, threads: int, repeats: int, runtime: str, size: 
     used = runtime_onnx.resolve_runtime(runtime, "cpu")
     with warnings.catch_warnings(record=True) as caught:  # warm-up (exports the graph if needed)
         warnings.simplefilter("always", runtime_onnx.RuntimeFallbackWarning)
-        _, _, objects = segment_once(model, card, image, runtime, overlap)
+        _, _, objects = segment_once(model, card, image, runtime, overlap, tile)
     fallback = [w for w in caught if issubclass(w.category, runtime_onnx.RuntimeFallbackWarning)]
     if fallback:
         used = "torch"
         print(f"note: {fallback[0].message}", file=sys.stderr)
-    runs = [segment_once(model, card, image, runtime, overlap) for _ in range(repeats)]
+    runs = [segment_once(model, card, image, runtime, overlap, tile) for _ in range(repeats)]
     used_overlap = overlap_for(card, overlap)
-    tile = tile_for(image_layout(image.shape), card)
+    tile = tile_for(image_layout(image.shape), card, tile)
     return {
         "seconds": round(statistics.median(p + i for p, i, _ in runs), 4),
         "probabilities_s": round(statistics.median(p for p, _, _ in runs), 4),
@@ -129,6 +130,7 @@ def measure(checkpoint: str, *, threads: int, repeats: int, runtime: str, size: 
         "size": int(size),
         "objects": objects,
         "overlap": used_overlap,
+        "tile": tile,
         "tiles": len(tile_starts(size, tile, used_overlap)) ** 2,
         "task": card.task,
         "load_average": f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end",
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, metavar="OUT.json", help="write the result here")
     ap.add_argument("--overlap", type=float, default=None,
                     help="tile overlap (default: the checkpoint card's)")
+    ap.add_argument("--tile", type=int, default=None, help="tile size (default: the checkpoint card's)")
     ap.add_argument("--size", type=int, default=1000, help=argparse.SUPPRESS)  # tests only
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--repeats and --threads must be at least 1")
     warnings.simplefilter("ignore", FutureWarning)
     result = measure(args.checkpoint, threads=args.threads, repeats=args.repeats,
-                     runtime=args.runtime, size=args.size, overlap=args.overlap,
+                     runtime=args.runtime, size=args.size, overlap=args.overlap, tile=args.tile,
                      command=" ".join(["python", "benchmarks/time_1000.py"]
                                       + [shlex.quote(a) for a in argv]))
     print(f"{args.checkpoint}: {result['seconds']:.3f} s for {args.size}x{args.size} "
