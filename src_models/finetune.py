@@ -341,6 +341,7 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
              rechoose_postprocessing: bool = True, settings_alone: bool | None = None,
              anchor: float = 0.0, crossing: str = "split", edge: str = "boundary",
              outside_check: bool = True, channels_last: bool = True,
+             earlier_step: int | None = None, average_from: int | None = None,
              device: str = "cpu") -> FinetuneResult:
     """One safe round: train a copy of `model` on corrected labels of one image, check it on the part
     of the corrections it did not train on (and on the model's training data), keep it only if it
@@ -368,6 +369,13 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     either way): a GlaS round 17.3 against 18.9 CPU s alternating in one run, and every round's
     decision the same over the GlaS and MoNuSeg validation images (finetune_glands_s9_channels_last.md,
     finetune_nuclei_s9_channels_last.md).
+    earlier_step: when set (0 < earlier_step < steps), the weights after that many steps are kept
+    aside, and if the check rolls the final weights back they face the same check (against the
+    same previous model) and are kept if they pass it: a second candidate for a round that
+    overshot. None (default): off.
+    average_from: when set (0 <= average_from < steps), the round's weights are the mean of the
+    trained weights after every step from that step on (stochastic weight averaging over the end
+    of the round's path) instead of the last step's. None (default): off.
     anchor: strength of an L2 pull of every trained weight towards its value before the round
     ("L2-SP": the gradient of anchor/2 * ||w - w_start||^2 joins the loss's), so a round cannot
     move far from the model it starts from; 0 (default) is off.
@@ -490,6 +498,9 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     rng = np.random.default_rng(seed)
     history: list[float] = []
     stopped = "steps"
+    snapshot = None     # the weights after `earlier_step` steps (a second candidate)
+    averaged: list[torch.Tensor] | None = None   # running mean of params (average_from)
+    n_averaged = 0
     for step in range(steps):
         if cancel is not None and cancel():
             stopped = "cancelled"
@@ -516,8 +527,21 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
         opt.step()
         sched.step()
         history.append(value)
+        if average_from is not None and len(history) > average_from:
+            n_averaged += 1
+            if averaged is None:
+                averaged = [p.detach().clone() for p in params]
+            else:
+                for a, p in zip(averaged, params):
+                    a.add_(p.detach() - a, alpha=1.0 / n_averaged)
+        if earlier_step is not None and len(history) == earlier_step and earlier_step < steps:
+            snapshot = {k: v.detach().clone() for k, v in new.state_dict().items()}
         if progress is not None:
             progress(step + 1, steps, value)
+    if averaged is not None:
+        with torch.no_grad():
+            for a, p in zip(averaged, params):
+                p.copy_(a)
     for p in new.parameters():
         p.requires_grad_(True)
     if channels_last:
@@ -529,6 +553,8 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
                         "batch_size": batch_size, "replay_per_batch": replay_per_batch, "seed": seed, "gap_weight": gap,
                         "warmup_steps": warm, "anchor": anchor,
                         "crossing": crossing, "edge": edge, "channels_last": channels_last,
+                        "earlier_step": earlier_step, "average_from": average_from,
+                        "averaged_steps": n_averaged,
                         "replay_images": len(replayer.items) if replayer is not None else 0,
                         "final_loss": history[-1] if history else None, "stopped": stopped,
                         "held_back_pixels": int(check.sum())})
@@ -539,9 +565,37 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
         why = "cancelled" if stopped == "cancelled" else f"no training step finished ({stopped})"
         _decide(result, model, False, f"{why}, nothing was checked")
     else:
+        cache: dict = {}
         _check_round(result, model, new, image, labels, train_valid, check, card, replay,
                      tile, replay_tolerance, rechoose_postprocessing, device, dice_margin,
-                     settings_alone, outside=few and outside_check)
+                     settings_alone, outside=few and outside_check, cache=cache)
+        if not result.kept and snapshot is not None and steps_done > earlier_step:
+            mid = copy.deepcopy(model)
+            mid.load_state_dict(snapshot)
+            mid.eval()
+            second = FinetuneResult(model=mid, loss_history=history[:earlier_step],
+                                    steps_done=earlier_step, steps_requested=steps, cancelled=False,
+                                    corrections=dict(corrections), stopped=stopped, trained=mid)
+            _check_round(second, model, mid, image, labels, train_valid, check, card, replay,
+                         tile, replay_tolerance, rechoose_postprocessing, device, dice_margin,
+                         False, outside=few and outside_check, cache=cache)
+            final = {k: corrections.get(k) for k in ("check", "replay_check", "outside_check",
+                                                     "instance_params", "kept", "reason")}
+            earlier = {"steps": earlier_step, "kept": second.kept, "reason": second.reason}
+            if second.kept and second.weights_kept:
+                corrections.clear()
+                corrections.update(second.corrections)
+                corrections.update({"steps": earlier_step, "final_steps_check": final,
+                                    "earlier_check": earlier})
+                result.model = result.trained = mid
+                for f in ("check_before", "check_after", "replay_before", "replay_after",
+                          "check_source", "instance_params", "kept", "weights_kept"):
+                    setattr(result, f, getattr(second, f))
+                result.steps_done = earlier_step
+                _decide(result, model, True, f"the weights after {earlier_step} of {steps_done} "
+                        f"steps were {second.reason} (after {steps_done} steps: {final['reason']})")
+            else:
+                corrections["earlier_check"] = earlier
     corrections["check_seconds"] = round(time.perf_counter() - t0 - train_seconds, 2)
     result.seconds = time.perf_counter() - t0
     return result
@@ -572,7 +626,8 @@ def _summary(r: FinetuneResult) -> str:
 def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, labels, train_valid,
                  check, card, replay, tile: int, tolerance: float, rechoose: bool, device,
                  dice_margin: float = DICE_MARGIN,
-                 settings_alone: bool = True, outside: bool = False) -> None:
+                 settings_alone: bool = True, outside: bool = False,
+                 cache: dict | None = None) -> None:
     """Scores old and new weights, re-chooses the post-processing, and decides (`judge_round`).
     With `outside`, both models are also run on the image around the reviewed region
     (`outside_part`) and their objects there compared (`object_changes`, no labels needed).
@@ -600,13 +655,23 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
         # when that covers it: `predict` then tiles exactly as when the user segments the image):
         # the held-back check, the re-choice and the comparison outside all use it.
         new_window, window = region_probabilities(new, image, card, reviewed, device, OUTSIDE_MARGIN)
-        old_window, _ = region_probabilities(old, image, card, reviewed, device, OUTSIDE_MARGIN)
+        if cache is not None and "old_window" in cache:   # a second candidate: the old model's again
+            old_window = cache["old_window"]
+        else:
+            old_window, _ = region_probabilities(old, image, card, reviewed, device, OUTSIDE_MARGIN)
+            if cache is not None:
+                cache["old_window"] = old_window
         new_prob = crop_probabilities(new_window, window, box)
         old_prob = crop_probabilities(old_window, window, box)
     else:
         around = None
         new_prob, _ = region_probabilities(new, image, card, reviewed, device)
-        old_prob, _ = region_probabilities(old, image, card, reviewed, device)
+        if cache is not None and "old_prob" in cache:
+            old_prob = cache["old_prob"]
+        else:
+            old_prob, _ = region_probabilities(old, image, card, reviewed, device)
+            if cache is not None:
+                cache["old_prob"] = old_prob
     new_params = old_params
     if rechoose:
         new_params, _ = choose_postprocessing(new_prob, box, labels, train_valid, card, old_params,
@@ -615,7 +680,12 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
     result.check_before = score_region(old_prob, box, labels, part, card, old_params, count_min)
     result.check_after = score_region(new_prob, box, labels, part, card, new_params, count_min)
     crops = replay_crops(replay, tile) if replay else []
-    old_replay = [predict(old, im, card, device=device) for im, _ in crops]
+    if cache is not None and "old_replay" in cache:
+        old_replay = cache["old_replay"]
+    else:
+        old_replay = [predict(old, im, card, device=device) for im, _ in crops]
+        if cache is not None:
+            cache["old_replay"] = old_replay
     result.replay_before = score_replay(old, crops, card, old_params, count_min, device, old_replay)
     result.replay_after = score_replay(new, crops, card, new_params, count_min, device)
     result.corrections.update({
