@@ -372,10 +372,14 @@ def finetune(model: nn.Module, image: np.ndarray, labels: np.ndarray, region=Non
     earlier_step: when set (0 < earlier_step < steps), the weights after that many steps are kept
     aside, and if the check rolls the final weights back they face the same check (against the
     same previous model) and are kept if they pass it: a second candidate for a round that
-    overshot. None (default): off.
+    overshot. None (default): off. Not the default: a second candidate faces the same few held-back
+    glands, and GlaS train_34's 15-step weights passed them (object F1 1.000 -> 1.000) and lost
+    0.255 on the unseen half (benchmarks/results/finetune_glands_s10_earlier15.md, _s10.md).
     average_from: when set (0 <= average_from < steps), the round's weights are the mean of the
     trained weights after every step from that step on (stochastic weight averaging over the end
-    of the round's path) instead of the last step's. None (default): off.
+    of the round's path) instead of the last step's. None (default): off. Not the default: over
+    the GlaS validation images average_from=20 gave the defaults' mean (+0.0178) at 19.0 against
+    18.0 CPU s, and average_from=10 kept train_34 at -0.255 (finetune_glands_s10.md).
     anchor: strength of an L2 pull of every trained weight towards its value before the round
     ("L2-SP": the gradient of anchor/2 * ||w - w_start||^2 joins the loss's), so a round cannot
     move far from the model it starts from; 0 (default) is off.

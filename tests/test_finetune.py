@@ -905,3 +905,34 @@ def test_a_channels_last_round_learns_the_same_and_returns_contiguous_weights(ti
         assert v.is_contiguous()                          # checkpoints are written from these
         assert torch.allclose(v.float(), plain[k].float(), atol=1e-4), k
     assert runs[1].loss_history == pytest.approx(runs[0].loss_history, rel=1e-4)
+
+
+def test_earlier_step_checks_the_earlier_weights_only_when_the_final_ones_are_rolled_back():
+    image, labels = nuclei_grid()
+    kw = dict(steps=6, tile_size=TILE, card=toy_card(), replay=[nuclei_grid()], earlier_step=1)
+    # lr 0.3: the 6-step weights lose on the held-back part, the 1-step weights pass the same check
+    res = finetune(DarknessModel().eval(), image, labels, lr=0.3, **kw)
+    assert res.kept and res.weights_kept and res.steps_done == 1 and res.model is res.trained
+    assert res.reason.startswith("the weights after 1 of 6 steps were at least as good")
+    assert res.corrections["final_steps_check"]["kept"] is False
+    assert res.corrections["earlier_check"]["kept"] is True and res.corrections["steps"] == 1
+    # lr 50: both candidates lose; the final weights' decision stands, the earlier check is recorded
+    bad = finetune(DarknessModel().eval(), image, labels, lr=50.0, **kw)
+    assert not bad.kept and bad.steps_done == 6 and bad.corrections["earlier_check"]["kept"] is False
+    # a kept round never checks the earlier weights
+    good = finetune(DarknessModel().eval(), image, labels, lr=1e-3, **kw)
+    assert good.kept and good.steps_done == 6 and "earlier_check" not in good.corrections
+
+
+def test_average_from_makes_the_round_weights_the_mean_of_the_last_steps(tiny):
+    image, labels = toy_image()
+    kw = dict(steps=4, lr=1e-2, tile_size=TILE, replay=None, train="all")
+    last = weights(finetune(tiny, image, labels, **kw).trained)
+    paths = [weights(finetune(tiny, image, labels, **{**kw, "steps": n}).trained) for n in (3, 4)]
+    res = finetune(tiny, image, labels, average_from=2, **kw)
+    assert res.corrections["averaged_steps"] == 2 and res.steps_done == 4
+    avg = weights(res.trained)
+    moved = [k for k, v in tiny.state_dict().items() if v.is_floating_point() and "running" not in k]
+    assert any(not torch.allclose(avg[k], last[k]) for k in moved)
+    for k in moved:
+        assert torch.allclose(avg[k], (paths[0][k] + paths[1][k]) / 2, atol=1e-5), k
