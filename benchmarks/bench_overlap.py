@@ -25,7 +25,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from time_1000 import DATASET_FOR_TASK, shared_dir  # noqa: E402
 
 
 def mirrored(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,19 +49,15 @@ def main() -> None:
 
     import torch
     torch.set_num_threads(args.threads)
-    from src_models.checkpoints import load_checkpoint, resolve_checkpoint
-    from src_models.evaluate import match_files, read_mask, score_pairs, split_of
+    from src_models.evaluate import read_mask, score_pairs
     from src_models.image_io import read_image
     from src_models.inference import predict, tile_starts
     from src_models.instances import InstanceMaker
     from src_models.runtime_onnx import model_digest
     from src_models.safe_write import write_text_atomic
 
-    from selected_weights import for_validation   # benchmarks/: the weights that have not seen val
-    model, card = load_checkpoint(resolve_checkpoint(for_validation(args.checkpoint)))
-    root = shared_dir() / "data" / DATASET_FOR_TASK[card.task] / "train"
-    names = split_of(card, root / "images", "val")
-    files = match_files(root / "images", root / "masks", names)
+    from selected_weights import validation_set   # the weights that have not seen val
+    model, card, root, files = validation_set(args.checkpoint)
     overlaps = [float(x) for x in args.overlaps.split(",")]
     pairs: dict[float, list] = {o: [] for o in overlaps}
     seconds: dict[float, float] = {o: 0.0 for o in overlaps}

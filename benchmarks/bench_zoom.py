@@ -43,16 +43,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     import torch
-    from selected_weights import for_validation
-    from src_models.checkpoints import load_checkpoint, resolve_checkpoint
-    from src_models.evaluate import match_files, read_mask, score_pairs, split_of
+    from selected_weights import validation_set
+    from src_models.evaluate import read_mask, score_pairs
     from src_models.image_io import read_image
     from src_models.instances import InstanceMaker
-    from time_1000 import DATASET_FOR_TASK, shared_dir
     torch.set_num_threads(args.threads)
-    model, card = load_checkpoint(resolve_checkpoint(for_validation(args.checkpoint)))
-    root = shared_dir() / "data" / DATASET_FOR_TASK[card.task] / "train"
-    files = match_files(root / "images", root / "masks", split_of(card, root / "images", "val"))
+    model, card, _, files = validation_set(args.checkpoint)
     images = [(n, np.asarray(read_image(i, lazy=False))[..., :3], read_mask(m)) for n, i, m in files]
     for zoom in (float(z) for z in args.zooms.split(",")):
         t0 = time.perf_counter()

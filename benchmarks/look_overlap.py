@@ -16,7 +16,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_overlap import mirrored  # noqa: E402
-from time_1000 import DATASET_FOR_TASK, shared_dir  # noqa: E402
 
 
 def main() -> None:
@@ -30,16 +29,14 @@ def main() -> None:
     args = ap.parse_args()
     import imageio.v3 as iio
     import torch
-    from selected_weights import for_validation
-    from src_models.checkpoints import load_checkpoint, resolve_checkpoint
+    from selected_weights import validation_set
     from src_models.evaluate import read_mask
     from src_models.image_io import read_image
     from src_models.inference import predict
     from src_models.instances import InstanceMaker, foreground_probability
     from src_models.safe_write import write_atomic
     torch.set_num_threads(args.threads)
-    model, card = load_checkpoint(resolve_checkpoint(for_validation(args.checkpoint)))
-    root = shared_dir() / "data" / DATASET_FOR_TASK[card.task] / "train"
+    model, card, root, _ = validation_set(args.checkpoint)
     image = np.asarray(read_image(next((root / "images").glob(args.image + ".*")), lazy=False))[..., :3]
     gt = read_mask(next((root / "masks").glob(args.image + ".*")))
     image, gt = mirrored(image, gt, args.size)

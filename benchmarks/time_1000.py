@@ -115,7 +115,7 @@ def measure(checkpoint: str, *, threads: int, repeats: int, runtime: str, size: 
         print(f"note: {fallback[0].message}", file=sys.stderr)
     runs = [segment_once(model, card, image, runtime, overlap, tile) for _ in range(repeats)]
     used_overlap = overlap_for(card, overlap)
-    tile = tile_for(image_layout(image.shape), card, tile)
+    used_tile = tile_for(image_layout(image.shape), card, tile)
     return {
         "seconds": round(statistics.median(p + i for p, i, _ in runs), 4),
         "probabilities_s": round(statistics.median(p for p, _, _ in runs), 4),
@@ -130,8 +130,8 @@ def measure(checkpoint: str, *, threads: int, repeats: int, runtime: str, size: 
         "size": int(size),
         "objects": objects,
         "overlap": used_overlap,
-        "tile": tile,
-        "tiles": len(tile_starts(size, tile, used_overlap)) ** 2,
+        "tile": used_tile,
+        "tiles": len(tile_starts(size, used_tile, used_overlap)) ** 2,
         "task": card.task,
         "load_average": f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end",
         "torch": torch.__version__,

@@ -627,6 +627,15 @@ def _summary(r: FinetuneResult) -> str:
     return text + ("Kept the fine-tuned model: " if r.kept else "Kept the previous model: ") + r.reason + "."
 
 
+def _cached(cache: dict | None, key: str, compute: Callable[[], Any]) -> Any:
+    """cache[key], computed once; without a cache, computed every time."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
 def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, labels, train_valid,
                  check, card, replay, tile: int, tolerance: float, rechoose: bool, device,
                  dice_margin: float = DICE_MARGIN,
@@ -659,23 +668,16 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
         # when that covers it: `predict` then tiles exactly as when the user segments the image):
         # the held-back check, the re-choice and the comparison outside all use it.
         new_window, window = region_probabilities(new, image, card, reviewed, device, OUTSIDE_MARGIN)
-        if cache is not None and "old_window" in cache:   # a second candidate: the old model's again
-            old_window = cache["old_window"]
-        else:
-            old_window, _ = region_probabilities(old, image, card, reviewed, device, OUTSIDE_MARGIN)
-            if cache is not None:
-                cache["old_window"] = old_window
+        # A second candidate (earlier_step) faces the same old model: its outputs come from `cache`.
+        old_window = _cached(cache, "old_window", lambda: region_probabilities(
+            old, image, card, reviewed, device, OUTSIDE_MARGIN)[0])
         new_prob = crop_probabilities(new_window, window, box)
         old_prob = crop_probabilities(old_window, window, box)
     else:
         around = None
         new_prob, _ = region_probabilities(new, image, card, reviewed, device)
-        if cache is not None and "old_prob" in cache:
-            old_prob = cache["old_prob"]
-        else:
-            old_prob, _ = region_probabilities(old, image, card, reviewed, device)
-            if cache is not None:
-                cache["old_prob"] = old_prob
+        old_prob = _cached(cache, "old_prob",
+                           lambda: region_probabilities(old, image, card, reviewed, device)[0])
     new_params = old_params
     if rechoose:
         new_params, _ = choose_postprocessing(new_prob, box, labels, train_valid, card, old_params,
@@ -684,12 +686,8 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
     result.check_before = score_region(old_prob, box, labels, part, card, old_params, count_min)
     result.check_after = score_region(new_prob, box, labels, part, card, new_params, count_min)
     crops = replay_crops(replay, tile) if replay else []
-    if cache is not None and "old_replay" in cache:
-        old_replay = cache["old_replay"]
-    else:
-        old_replay = [predict(old, im, card, device=device) for im, _ in crops]
-        if cache is not None:
-            cache["old_replay"] = old_replay
+    old_replay = _cached(cache, "old_replay",
+                         lambda: [predict(old, im, card, device=device) for im, _ in crops])
     result.replay_before = score_replay(old, crops, card, old_params, count_min, device, old_replay)
     result.replay_after = score_replay(new, crops, card, new_params, count_min, device)
     result.corrections.update({
