@@ -11,9 +11,17 @@ uncheckable (too few held-back objects, none found) on the held-back part's pixe
     python benchmarks/diagnose_check.py dump GlaS /tmp/ck/val
     python benchmarks/diagnose_check.py dump GlaS /tmp/ck/train --split train --images 12
     python benchmarks/diagnose_check.py rules /tmp/ck/val /tmp/ck/train
+    python benchmarks/diagnose_check.py outside /tmp/ck/val /tmp/ck/val_seed1
 
-On GlaS the outside check's window is the whole image, so the whole-image probabilities here are
-exactly what the round's check used.
+`outside` replays the engine's decision with stricter rules on the objects around the reviewed
+region (`finetune_check.object_changes`, no labels): objects found on the previous model's
+background (`appeared`), lost to the new model's background (`vanished`), any split. A round the
+engine kept and a rule refuses counts as rolled back (change 0: the previous model stays; the
+engine's settings-only fallback is not replayed).
+
+On GlaS the outside check's window is the whole image (since session 11: before, it stopped 4
+columns short of a 775-column image's edge), so the whole-image probabilities here are exactly what
+the round's check uses.
 """
 from __future__ import annotations
 
@@ -99,9 +107,13 @@ def main() -> int:
     d.add_argument("--images", default=None)
     r = sub.add_parser("rules")
     r.add_argument("folders", nargs="+")
+    o = sub.add_parser("outside")
+    o.add_argument("folders", nargs="+")
     args = ap.parse_args()
     if args.cmd == "dump":
         dump(args)
+    elif args.cmd == "outside":
+        outside_rules(args)
     else:
         rules(args)
     return 0
@@ -191,6 +203,76 @@ def rules(args) -> None:
             kept_gain = [g for k, g in rows if k]
             print(f"{name}: kept {len(kept_gain)} of {len(rows)}, mean change "
                   f"{sum(kept_gain) / len(rows):+.4f}, worst kept {min(kept_gain, default=0):+.3f}")
+
+
+# Outside rules replayed over the rounds the engine kept: name -> passes(changes). "as run" is
+# the engine's decision in the dump; the others judge the window taken to the image's edge
+# (`finetune_check.outside_snap`): bridges and cuts only (the rule up to session 10), then adding
+# found ("appeared") and lost ("vanished") objects, which the engine refuses since session 11
+# (`finetune_check.judge_outside`), then stricter ones.
+def _bridges_cuts(c) -> bool:
+    return c.bridged == 0 and c.cut == 0
+
+
+def _engine(c) -> bool:
+    from src_models.finetune_check import judge_outside
+    return judge_outside(c)[0]
+
+
+OUTSIDE_RULES = {
+    "as run": lambda c: True,
+    "to the edge: bridges, cuts": _bridges_cuts,
+    "+ none appeared": lambda c: _bridges_cuts(c) and c.appeared == 0,
+    "+ none vanished (engine)": _engine,
+    "+ no split": lambda c: _engine(c) and c.split == 0,
+    "+ count unchanged": lambda c: _engine(c) and c.split == 0 and c.merged == 0,
+}
+
+
+def round_outcome(meta, old, new, card):
+    """(labels the kept round leaves the user with, over the whole image; the round's settings)."""
+    if meta["kept"] and not meta.get("weights_kept", True) and meta.get("settings_check"):
+        params = {**meta["old_params"], **meta["settings_check"]["instance_params"]}
+        return InstanceMaker(old, card).labels(**params)
+    return InstanceMaker(new, card).labels(**meta["new_params"])
+
+
+def outside_rules(args) -> None:
+    from src_models.finetune_check import OUTSIDE_MARGIN, object_changes, outside_part, outside_snap
+    card = None
+    totals: dict[str, list] = {}
+    for folder in args.folders:
+        print(f"\n## {folder}")
+        for path in sorted(Path(folder).glob("*.npz"), key=lambda p: (len(p.stem), p.stem)):
+            gt, check, old, new, meta = load(path)
+            if card is None:
+                card = load_checkpoint(meta["task"])[1]
+            valid = np.zeros(gt.shape, bool)
+            valid[:, :gt.shape[1] // 2] = True
+            gain = meta["trained"] - meta["before"] if meta["kept"] else 0.0
+            if meta["kept"] and not meta.get("weights_kept", True):
+                right = slice(gt.shape[1] // 2, gt.shape[1])
+                gain = object_score(meta["task"], gt[:, right],
+                                    round_outcome(meta, old, new, card)[:, right]) - meta["before"]
+            old_lab = InstanceMaker(old, card).labels(**meta["old_params"])
+            ch = object_changes(old_lab, round_outcome(meta, old, new, card),
+                                outside_part(valid, OUTSIDE_MARGIN, outside_snap(card)),
+                                max(1, int(meta["old_params"]["min_size"])))
+            verdicts = []
+            for name, passes in OUTSIDE_RULES.items():
+                kept = meta["kept"] and passes(ch)
+                totals.setdefault(name, []).append((kept, gain if kept else 0.0))
+                verdicts.append("K" if kept else "-")
+            print(f"{folder.rstrip('/').split('/')[-1]:12s} {meta['image']:9s} kept={str(meta['kept'])[0]} "
+                  f"weights={str(meta.get('weights_kept'))[0]} change {gain:+.3f} "
+                  f"objects {ch.old_objects}->{ch.new_objects} merged {ch.merged} ({ch.bridged} bridged) "
+                  f"split {ch.split} ({ch.cut} cut) appeared {ch.appeared} vanished {ch.vanished} "
+                  f"rules {''.join(verdicts)}", flush=True)
+    print("\nrules, over every round above:")
+    for name, rows in totals.items():
+        kept = [g for k, g in rows if k]
+        print(f"{name:26s} kept {len(kept):2d} of {len(rows)}, mean change {sum(g for _, g in rows) / len(rows):+.4f}, "
+              f"worst kept {min(kept, default=0):+.3f}, kept below -0.01: {sum(g < -0.01 for g in kept)}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from .finetune_check import (DICE_MARGIN, REPLAY_TOLERANCE, RegionScore, choose_
                              region_probabilities, replay_crops, score_region, score_replay,
                              score_text, split_check, whole_objects_check,
                              crossing_objects, labels_in, object_changes, outside_part,
-                             OUTSIDE_MARGIN, check_box)
+                             outside_snap, OUTSIDE_MARGIN, check_box)
 from .inference import predict
 from .losses import dice_ce_loss, labels_to_target, touching_gap_weights
 from .targets import HEADS, card_target, head_channels, head_of
@@ -655,7 +655,8 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
     rechoose = rechoose and old_params.mode != "semantic"
     settings_alone = settings_alone and rechoose
     reviewed = train_valid | check
-    around = outside_part(reviewed) if outside else None
+    snap = outside_snap(card)
+    around = outside_part(reviewed, OUTSIDE_MARGIN, snap) if outside else None
     # Every object the check scores is labelled over one box, the reviewed region's grown by
     # CONTEXT (`check_box`), with the outside check or without it: the held-back part's objects as
     # the re-choice's, whole where they cross into the trained-on part. Only where the
@@ -667,10 +668,11 @@ def _check_round(result: FinetuneResult, old: nn.Module, new: nn.Module, image, 
         # One prediction per model over the reviewed region and its neighbourhood (the whole image
         # when that covers it: `predict` then tiles exactly as when the user segments the image):
         # the held-back check, the re-choice and the comparison outside all use it.
-        new_window, window = region_probabilities(new, image, card, reviewed, device, OUTSIDE_MARGIN)
+        new_window, window = region_probabilities(new, image, card, reviewed, device,
+                                                  OUTSIDE_MARGIN, snap)
         # A second candidate (earlier_step) faces the same old model: its outputs come from `cache`.
         old_window = _cached(cache, "old_window", lambda: region_probabilities(
-            old, image, card, reviewed, device, OUTSIDE_MARGIN)[0])
+            old, image, card, reviewed, device, OUTSIDE_MARGIN, snap)[0])
         new_prob = crop_probabilities(new_window, window, box)
         old_prob = crop_probabilities(old_window, window, box)
     else:

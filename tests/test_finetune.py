@@ -775,6 +775,49 @@ def test_object_changes_tell_bridges_and_cuts_from_the_changes_good_rounds_made(
     assert object_changes(joined, touching, part, min_size=400).old_objects == 0   # too small
 
 
+def test_object_changes_count_objects_found_on_background_and_objects_lost_to_it():
+    from src_models.finetune_check import object_changes
+    part = np.zeros((40, 40), bool)
+    part[:, 20:] = True
+    old = disk_labels(40, [(10, 30), (28, 30)])
+    grown = np.where(old > 0, old, 0)
+    grown[ndi_dilate(old == 1, 2) & (old == 0)] = 1       # reshaped, not found: 0 / 0
+    ch = object_changes(old, grown, part)
+    assert (ch.appeared, ch.vanished) == (0, 0)
+    extra = old.copy()
+    extra[2:6, 22:38] = 3                                 # a new object on the old background
+    ch = object_changes(old, extra, part)
+    assert (ch.old_objects, ch.new_objects, ch.appeared, ch.vanished) == (2, 3, 1, 0)
+    lost = np.where(old == 2, 0, old)                     # the second object gone to background
+    ch = object_changes(old, lost, part)
+    assert (ch.appeared, ch.vanished, ch.merged, ch.split) == (0, 1, 0, 0)
+    left = np.zeros((40, 40), np.int32)
+    left[5:35, 2:12] = 1                                  # found, but in the labelled part
+    assert object_changes(np.zeros_like(left), left, part).appeared == 0
+
+
+def test_the_outside_window_reaches_the_image_edge_it_nearly_covers():
+    # A GlaS image's left half (387 of 775 columns) grown by OUTSIDE_MARGIN stopped 4 columns short
+    # of the right edge: an object there was cut below the minimum size and never counted.
+    from src_models.finetune_check import OUTSIDE_MARGIN, outside_part, outside_snap, region_box
+    valid = np.zeros((522, 775), bool)
+    valid[:, :387] = True
+    assert region_box(valid, OUTSIDE_MARGIN) == (slice(0, 522), slice(0, 771))
+    snap = outside_snap(glands_toy_card())
+    assert snap == TILE
+    assert region_box(valid, OUTSIDE_MARGIN, 384) == (slice(0, 522), slice(0, 775))
+    assert outside_part(valid, OUTSIDE_MARGIN, 384)[:, 387:].all()
+    assert not outside_part(valid, OUTSIDE_MARGIN)[:, 771:].any()
+    wide = np.zeros((522, 4000), bool)
+    wide[:, 1000:1387] = True                      # far from the edges: the window stays bounded
+    assert region_box(wide, OUTSIDE_MARGIN, 384) == (slice(0, 522), slice(616, 1771))
+
+
+def ndi_dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
+    from scipy import ndimage as ndi
+    return ndi.binary_dilation(mask, iterations=iterations)
+
+
 class GreenTooModel(DarknessModel):
     """Stands in for weights a round moved where nobody looked: it also takes green for an object."""
 
@@ -788,21 +831,24 @@ def glands_toy_card():
                      instance_params={"mode": "glands", "min_size": 5, "threshold": 0.5})
 
 
-def bridged_image(bridge: bool):
-    """The nuclei grid, with (bridge) a green strip joining two nuclei of the right half, where the
-    round is given no corrections."""
+def bridged_image(green: str | None):
+    """The nuclei grid, with in the right half, where the round is given no corrections, a pale
+    green strip joining two nuclei ("bridge") or a patch alone on the background ("patch")."""
     image, labels = nuclei_grid()
-    if bridge:
-        image[38:42, 40:57] = (200, 255, 200)   # pale green, between the nuclei at (40, 40) and (40, 56)
+    if green == "bridge":
+        image[38:42, 40:57] = (200, 255, 200)   # between the nuclei at (40, 40) and (40, 56)
+    elif green == "patch":
+        image[44:53, 44:53] = (200, 255, 200)   # between four nuclei, touching none
     return image, labels
 
 
-@pytest.mark.parametrize("bridge", [True, False])
-def test_a_round_that_joins_objects_outside_the_reviewed_region_is_rolled_back(monkeypatch, bridge):
+@pytest.mark.parametrize("green", ["bridge", "patch", None])
+def test_a_round_that_joins_or_finds_objects_outside_the_reviewed_region_is_rolled_back(
+        monkeypatch, green):
     import copy
     import types
     import src_models.finetune as F
-    image, labels = bridged_image(bridge)
+    image, labels = bridged_image(green)
     old = DarknessModel().eval()
     # the round's trained copy is the green-seeing model (lr 0: training leaves it as it is); the
     # reviewed left half and the replay crops hold no green, so only the unlabelled half can tell
@@ -815,15 +861,21 @@ def test_a_round_that_joins_objects_outside_the_reviewed_region_is_rolled_back(m
     assert outside["old_objects"] >= 4 and outside["pixels"] > 0
     rnd = res.card(glands_toy_card()).corrections["rounds"][-1]
     assert rnd["outside_check"] == outside
-    if bridge:
-        assert (outside["merged"], outside["bridged"]) == (1, 1)
+    if green == "bridge":
+        assert (outside["merged"], outside["bridged"], outside["appeared"]) == (1, 1, 0), outside
         assert not res.kept and res.model is old
         assert res.reason == ("rolled back, it joined 2 objects the previous model kept apart "
                               "outside your corrections")
         assert rnd["kept"] is False and "outside your corrections" in rnd["reason"]
         assert "Kept the previous model: rolled back, it joined 2 objects" in res.summary
+    elif green == "patch":
+        assert (outside["merged"], outside["appeared"], outside["vanished"]) == (0, 1, 0)
+        assert not res.kept and res.model is old
+        assert res.reason == ("rolled back, it found an object where the previous model saw "
+                              "background outside your corrections")
+        assert rnd["kept"] is False and rnd["outside_check"]["appeared"] == 1
     else:
-        assert (outside["merged"], outside["split"]) == (0, 0)
+        assert (outside["merged"], outside["split"], outside["appeared"]) == (0, 0, 0)
         assert res.kept and res.model is res.trained and rnd["kept"] is True
 
 
