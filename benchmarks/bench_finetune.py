@@ -62,8 +62,11 @@ def outside_text(o) -> str:
     """The round's label-free comparison around the reviewed region (`finetune_check.ObjectChanges`)."""
     if not o:
         return "not checked"
-    return (f"{o['old_objects']} -> {o['new_objects']}, {o['merged']} / {o['split']} "
+    text = (f"{o['old_objects']} -> {o['new_objects']}, {o['merged']} / {o['split']} "
             f"({o.get('bridged', 0)} / {o.get('cut', 0)})")
+    if "appeared" in o:     # counted since session 11
+        text += f", found / lost {o['appeared']} / {o['vanished']}"
+    return text
 
 
 def pick_images(card, split: str = "validation", images: str | None = None) -> list[str]:
@@ -141,7 +144,7 @@ def main() -> int:
     head = ["image", "objects L/R", f"before R {metric}", f"after R {metric}", "change",
             f"trained R {metric}", "kept", "held-back objects matched (before -> after)",
             "round s (wall)", "round CPU s", "of which check s (wall)",
-            "outside: old -> new objects, merged / split (bridged / cut)", "why"]
+            "outside: old -> new objects, merged / split (bridged / cut)[, found / lost]", "why"]
 
     def write() -> None:
         kept = [r for r in rows if r["kept"]]
