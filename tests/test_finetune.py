@@ -796,6 +796,25 @@ def test_object_changes_count_objects_found_on_background_and_objects_lost_to_it
     assert object_changes(np.zeros_like(left), left, part).appeared == 0
 
 
+def test_a_join_across_background_counts_when_one_of_the_objects_lies_outside_the_part():
+    # GlaS train_13 (seed 1): a gland beyond the corrections joined, across stroma, to one the user
+    # corrected; the corrected one lies mostly in the reviewed part, so neither counted as a pair
+    from src_models.finetune_check import object_changes
+    part = np.zeros((40, 40), bool)
+    part[:, 20:] = True
+    old = np.zeros((40, 40), np.int32)
+    old[10:30, 8:18], old[10:30, 22:32] = 1, 2            # one in the reviewed half, one outside
+    joined = np.where(old > 0, 1, 0)
+    joined[18:22, 18:22] = 1                              # across the background between them
+    ch = object_changes(old, joined, part)
+    assert (ch.merged, ch.bridged, ch.appeared) == (1, 1, 0)
+    both_left = np.zeros((40, 40), np.int32)
+    both_left[10:30, 2:8], both_left[10:30, 10:16] = 1, 2  # a join the user's labels decide
+    bridge_left = np.where(both_left > 0, 1, 0)
+    bridge_left[18:22, 8:10] = 1
+    assert object_changes(both_left, bridge_left, part).bridged == 0
+
+
 def test_the_outside_window_reaches_the_image_edge_it_nearly_covers():
     # A GlaS image's left half (387 of 775 columns) grown by OUTSIDE_MARGIN stopped 4 columns short
     # of the right edge: an object there was cut below the minimum size and never counted.
