@@ -25,9 +25,11 @@ class AugmentConfig:
 
 
 def random_crop(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator,
-                scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                scale: float = 1.0, centre: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A random `size`-sided window (of size*scale source pixels, resized back to `size` when
-    scale != 1); images smaller than the window are reflect-padded first."""
+    scale != 1); images smaller than the window are reflect-padded first. With `centre` (row, col
+    of a source pixel) the window is centred there, moved by up to a quarter window at random in
+    each direction and kept inside the image, so it always holds that pixel."""
     src = max(1, int(round(size * scale)))
     h, w = mask.shape
     if h < src or w < src:
@@ -36,8 +38,13 @@ def random_crop(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.G
         image = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode=mode)
         mask = np.pad(mask, ((0, ph), (0, pw)), mode=mode)
         h, w = mask.shape
-    y = rng.integers(0, h - src + 1)
-    x = rng.integers(0, w - src + 1)
+    if centre is None:
+        y = rng.integers(0, h - src + 1)
+        x = rng.integers(0, w - src + 1)
+    else:
+        j = src // 4
+        y = int(np.clip(int(centre[0]) - src // 2 + rng.integers(-j, j + 1), 0, h - src))
+        x = int(np.clip(int(centre[1]) - src // 2 + rng.integers(-j, j + 1), 0, w - src))
     img, msk = image[y:y + src, x:x + src], mask[y:y + src, x:x + src]
     if src != size:
         from skimage.transform import resize

@@ -90,6 +90,10 @@ class TrainConfig:
     validate: bool = True                       # False: train on every image (train + validation
                                                 # split) for `steps`, no early stopping: the final
                                                 # weights of a recipe chosen on the validation split
+    focus_crops: str | None = None              # JSON of hard-negative centres per image
+                                                # (benchmarks/find_false_glands.py); None: off
+    focus_fraction: float = 0.0                 # share of crops drawn around those centres
+                                                # (random_crop's centre, quarter-window jitter)
 
     def target_settings(self) -> dict[str, int]:
         """instance_target's settings, recorded in the card (training["target"]) for fine-tuning."""
@@ -172,6 +176,7 @@ class TileSampler:
         self.num_classes = num_classes
         areas = np.array([s.mask.size for s in samples], dtype=np.float64)
         self.p = areas / areas.sum()
+        self.focus = focus_centres(cfg, samples)
         if cfg.protocol == "paper":  # the paper: whole images resized to 224 x 224
             from skimage.transform import resize
             self.samples = [Sample(s.name,
@@ -185,12 +190,17 @@ class TileSampler:
         """(images, targets, per-pixel CE weights or None when gap weighting is off)."""
         xs, ys, ws = [], [], []
         for _ in range(self.cfg.batch_size):
-            s = self.samples[rng.choice(len(self.samples), p=self.p)]
+            centre = None
+            if self.focus and rng.random() < self.cfg.focus_fraction:  # no draw when focus is off
+                i, *centre = self.focus[rng.integers(len(self.focus))]
+                s = self.samples[i]
+            else:
+                s = self.samples[rng.choice(len(self.samples), p=self.p)]
             if self.cfg.protocol == "paper":
                 img, msk = s.image, s.mask
             else:
                 scale = float(np.exp(rng.uniform(*np.log(self.cfg.scale_jitter))))
-                img, msk = random_crop(s.image, s.mask, self.cfg.tile_size, rng, scale=scale)
+                img, msk = random_crop(s.image, s.mask, self.cfg.tile_size, rng, scale=scale, centre=centre)
             img, msk = geometric(img, msk, self.aug, rng)
             img01 = colour(as_float01(img), self.aug, rng)
             xs.append(normalize(img01 if self.in_channels == 3 else img01.mean(-1, keepdims=True),
@@ -203,6 +213,24 @@ class TileSampler:
                 ws.append(touching_gap_weights(msk, self.cfg.gap_radius, self.cfg.gap_weight))
         weights = torch.from_numpy(np.stack(ws)) if ws else None
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)), weights
+
+
+def focus_centres(cfg: TrainConfig, samples: list[Sample]) -> list[tuple[int, int, int]]:
+    """(sample index, row, col) of every centre in cfg.focus_crops (find_false_glands.py's JSON:
+    {"images": {name: {"centres": [{"row", "col"}, ...]}}}) whose image is among `samples`;
+    [] when focus is off. Centres of images not trained on (validation images) are ignored; a file
+    that matches none of the samples is an error, not a silent no-op."""
+    if not cfg.focus_crops or cfg.focus_fraction <= 0:
+        return []
+    if cfg.protocol == "paper":
+        raise ValueError("focus_crops needs the tiles protocol (the paper protocol does not crop)")
+    listed = json.loads(Path(cfg.focus_crops).read_text())["images"]
+    index = {s.name: i for i, s in enumerate(samples)}
+    out = [(index[name], int(c["row"]), int(c["col"])) for name, entry in sorted(listed.items())
+           if name in index for c in entry["centres"]]
+    if not out:
+        raise ValueError(f"{cfg.focus_crops}: none of its {len(listed)} images is a training image here")
+    return out
 
 
 def predict_probabilities(model: torch.nn.Module, image: np.ndarray, tile_size: int,

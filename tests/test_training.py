@@ -64,6 +64,41 @@ def test_random_crop_pads_small_images_and_keeps_alignment():
     assert np.array_equal(img[..., 0] > 127, msk > 0)
 
 
+def test_random_crop_around_a_centre_always_holds_that_pixel():
+    rng = np.random.default_rng(0)
+    ids = np.arange(100 * 120, dtype=np.int32).reshape(100, 120)
+    image = np.zeros((100, 120, 3), np.uint8)
+    for row, col in [(0, 0), (99, 119), (50, 60), (10, 110)]:
+        for _ in range(10):
+            _, msk = random_crop(image, ids, 40, rng, centre=(row, col))
+            assert msk.shape == (40, 40) and ids[row, col] in msk
+
+
+def test_focus_crops_draw_their_share_around_the_centres_and_off_changes_nothing(tmp_path):
+    import json
+
+    from src_models.data import Sample
+    from src_models.train import TileSampler, TrainConfig
+    mask = np.zeros((200, 200), np.uint8)
+    mask[150:200, 150:200] = 1          # the hard negative's neighbourhood is labelled 1
+    image = np.zeros((200, 200, 3), np.uint8)
+    samples = [Sample("a", image, mask), Sample("b", image, np.zeros_like(mask))]
+    focus = tmp_path / "focus.json"
+    focus.write_text(json.dumps({"images": {"a": {"centres": [{"row": 175, "col": 175}]},
+                                            "not_trained_on": {"centres": [{"row": 1, "col": 1}]}}}))
+    base = dict(data=".", out="x", tile_size=32, batch_size=8, scale_jitter=(1.0, 1.0), head="binary")
+    on = TileSampler(samples, TrainConfig(**base, focus_crops=str(focus), focus_fraction=1.0), 3, 1)
+    assert on.focus == [(0, 175, 175)]
+    _, y, _ = on.batch(np.random.default_rng(0))
+    assert all(t.sum() > 0 for t in y)  # every crop holds the centre, so some of the labelled corner
+    off = [TileSampler(samples, TrainConfig(**base, **kw), 3, 1).batch(np.random.default_rng(3))
+           for kw in ({}, {"focus_crops": str(focus), "focus_fraction": 0.0})]
+    assert all(torch.equal(a, b) for a, b in zip(off[0][:2], off[1][:2]))
+    focus.write_text(json.dumps({"images": {"elsewhere": {"centres": [{"row": 1, "col": 1}]}}}))
+    with pytest.raises(ValueError, match="none of its"):
+        TileSampler(samples, TrainConfig(**base, focus_crops=str(focus), focus_fraction=0.5), 3, 1)
+
+
 def test_stain_jitter_keeps_range_and_changes_colour():
     rng = np.random.default_rng(0)
     img = np.random.default_rng(1).uniform(0.2, 0.9, (16, 16, 3)).astype(np.float32)
