@@ -450,21 +450,15 @@ def judge_outside(changes: ObjectChanges | None,
     if changes is None:
         return True, ""
     if changes.bridged > tolerance:
-        n = changes.bridged + 1
-        return False, (f"rolled back, it joined {n} objects the previous model kept apart outside "
-                       f"your corrections")
-    if changes.cut > tolerance:
-        n = changes.cut
-        return False, (f"rolled back, it cut {'an object' if n == 1 else f'{n} objects'} the previous "
-                       f"model had whole in two outside your corrections")
-    if changes.appeared > tolerance:
-        n = changes.appeared
-        return False, (f"rolled back, it found {'an object' if n == 1 else f'{n} objects'} where the "
-                       f"previous model saw background outside your corrections")
-    if changes.vanished > tolerance:
-        n = changes.vanished
-        return False, (f"rolled back, it lost {'an object' if n == 1 else f'{n} objects'} the previous "
-                       f"model found outside your corrections")
+        return False, (f"rolled back, it joined {changes.bridged + 1} objects the previous model "
+                       f"kept apart outside your corrections")
+    refused = ((changes.cut, "it cut {} the previous model had whole in two"),
+               (changes.appeared, "it found {} where the previous model saw background"),
+               (changes.vanished, "it lost {} the previous model found"))
+    for n, what in refused:
+        if n > tolerance:
+            objects = "an object" if n == 1 else f"{n} objects"
+            return False, f"rolled back, {what.format(objects)} outside your corrections"
     return True, ""
 
 

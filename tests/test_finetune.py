@@ -796,6 +796,20 @@ def test_object_changes_count_objects_found_on_background_and_objects_lost_to_it
     assert object_changes(np.zeros_like(left), left, part).appeared == 0
 
 
+def test_judge_outside_says_which_change_it_refused():
+    from src_models.finetune_check import ObjectChanges, judge_outside
+    base = dict(old_objects=5, new_objects=5, merged=0, split=0)
+    assert judge_outside(ObjectChanges(**base)) == (True, "")
+    assert judge_outside(ObjectChanges(**base, cut=2)) == (
+        False, "rolled back, it cut 2 objects the previous model had whole in two outside your corrections")
+    assert judge_outside(ObjectChanges(**base, appeared=2)) == (
+        False, "rolled back, it found 2 objects where the previous model saw background outside your "
+               "corrections")
+    assert judge_outside(ObjectChanges(**base, vanished=1)) == (
+        False, "rolled back, it lost an object the previous model found outside your corrections")
+    assert judge_outside(ObjectChanges(**base, vanished=1), tolerance=1)[0]
+
+
 def test_a_join_across_background_counts_when_one_of_the_objects_lies_outside_the_part():
     # GlaS train_13 (seed 1): a gland beyond the corrections joined, across stroma, to one the user
     # corrected; the corrected one lies mostly in the reviewed part, so neither counted as a pair
