@@ -230,7 +230,8 @@ OUTSIDE_RULES = {
 
 
 def round_outcome(meta, old, new, card):
-    """(labels the kept round leaves the user with, over the whole image; the round's settings)."""
+    """The labels the round leaves the user with, over the whole image: the new weights with their
+    settings, or the old weights with the re-chosen settings when only those were kept."""
     if meta["kept"] and not meta.get("weights_kept", True) and meta.get("settings_check"):
         params = {**meta["old_params"], **meta["settings_check"]["instance_params"]}
         return InstanceMaker(old, card).labels(**params)
@@ -249,13 +250,13 @@ def outside_rules(args) -> None:
                 card = load_checkpoint(meta["task"])[1]
             valid = np.zeros(gt.shape, bool)
             valid[:, :gt.shape[1] // 2] = True
+            outcome = round_outcome(meta, old, new, card)
             gain = meta["trained"] - meta["before"] if meta["kept"] else 0.0
             if meta["kept"] and not meta.get("weights_kept", True):
                 right = slice(gt.shape[1] // 2, gt.shape[1])
-                gain = object_score(meta["task"], gt[:, right],
-                                    round_outcome(meta, old, new, card)[:, right]) - meta["before"]
+                gain = object_score(meta["task"], gt[:, right], outcome[:, right]) - meta["before"]
             old_lab = InstanceMaker(old, card).labels(**meta["old_params"])
-            ch = object_changes(old_lab, round_outcome(meta, old, new, card),
+            ch = object_changes(old_lab, outcome,
                                 outside_part(valid, OUTSIDE_MARGIN, outside_snap(card)),
                                 max(1, int(meta["old_params"]["min_size"])))
             verdicts = []

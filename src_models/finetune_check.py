@@ -293,11 +293,10 @@ def score_region(prob: np.ndarray, box: tuple[slice, slice], labels: np.ndarray,
 # a whole slide costs two predictions of its neighbourhood, not of the slide.
 OUTSIDE_MARGIN = 384
 # New boundaries, bridges, found or lost objects tolerated there before a round is rolled back:
-# none. Rounds on few
-# objects only (see finetune.DECODER_ONLY_BELOW): a glands half holds a handful of glands, one
-# false split is a lost object (GlaS train_18); among hundreds of nuclei the trained weights of
-# rounds that gained on the unseen half (+0.026, +0.004) changed 30 of 218 and 32 of 272 of them
-# (benchmarks/results/finetune_diagnosis_s8.md).
+# none. Rounds on few objects only (see finetune.DECODER_ONLY_BELOW): a glands half holds a
+# handful of glands, one false split is a lost object (GlaS train_18); among hundreds of nuclei
+# the trained weights of rounds that gained on the unseen half (+0.026, +0.004) changed 30 of 218
+# and 32 of 272 of them (benchmarks/results/finetune_diagnosis_s8.md).
 OUTSIDE_TOLERANCE = 0
 
 

@@ -776,12 +776,13 @@ def test_object_changes_tell_bridges_and_cuts_from_the_changes_good_rounds_made(
 
 
 def test_object_changes_count_objects_found_on_background_and_objects_lost_to_it():
+    from scipy import ndimage as ndi
     from src_models.finetune_check import object_changes
     part = np.zeros((40, 40), bool)
     part[:, 20:] = True
     old = disk_labels(40, [(10, 30), (28, 30)])
     grown = np.where(old > 0, old, 0)
-    grown[ndi_dilate(old == 1, 2) & (old == 0)] = 1       # reshaped, not found: 0 / 0
+    grown[ndi.binary_dilation(old == 1, iterations=2) & (old == 0)] = 1   # reshaped, not found: 0 / 0
     ch = object_changes(old, grown, part)
     assert (ch.appeared, ch.vanished) == (0, 0)
     extra = old.copy()
@@ -844,11 +845,6 @@ def test_the_outside_window_reaches_the_image_edge_it_nearly_covers():
     wide = np.zeros((522, 4000), bool)
     wide[:, 1000:1387] = True                      # far from the edges: the window stays bounded
     assert region_box(wide, OUTSIDE_MARGIN, 384) == (slice(0, 522), slice(616, 1771))
-
-
-def ndi_dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
-    from scipy import ndimage as ndi
-    return ndi.binary_dilation(mask, iterations=iterations)
 
 
 class GreenTooModel(DarknessModel):
