@@ -32,6 +32,7 @@ from .targets import HEADS, check_head, head_of, interior_score  # noqa: F401 - 
 MODES = ("nuclei", "glands", "semantic")
 UNSEEDED = ("keep", "drop")
 SMALL_OBJECTS = ("drop", "merge")
+MEAN_PROB_OVER = ("object", "foreground")  # which pixels min_mean_prob averages over
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,11 @@ class InstanceParams:
     blobs joined by a neck). unseeded: "keep" a mask region without a marker as one object, or
     "drop" it. small_objects: objects under min_size are dropped ("drop"), or given to the touching
     object they share most border with ("merge"; dropped when they touch none). min_mean_prob: drop
-    objects whose mean foreground probability is below it. grow: at the end, objects grow by up to
-    this many pixels into the background (not into each other)."""
+    objects whose mean foreground probability is below it, the mean taken over all of the object's
+    pixels (min_mean_prob_over "object") or only over those at or above `threshold` ("foreground":
+    a large gland whose low-probability lumen fill_holes filled in is not judged by its lumen).
+    grow: at the end, objects grow by up to this many pixels into the background (not into each
+    other)."""
     mode: str = "nuclei"
     threshold: float = 0.5
     min_size: int = 16
@@ -75,6 +79,7 @@ class InstanceParams:
     unseeded: str = "keep"
     small_objects: str = "drop"
     min_mean_prob: float = 0.0
+    min_mean_prob_over: str = "object"
     grow: int = 0
 
     @property
@@ -109,6 +114,9 @@ class InstanceParams:
             raise ValueError(f"unseeded must be one of {UNSEEDED}, got {out.unseeded!r}")
         if out.small_objects not in SMALL_OBJECTS:
             raise ValueError(f"small_objects must be one of {SMALL_OBJECTS}, got {out.small_objects!r}")
+        if out.min_mean_prob_over not in MEAN_PROB_OVER:
+            raise ValueError(f"min_mean_prob_over must be one of {MEAN_PROB_OVER}, "
+                             f"got {out.min_mean_prob_over!r}")
         return out
 
 
@@ -442,7 +450,8 @@ class InstanceMaker:
                                   smoothing=p.marker_smoothing, opening=p.marker_opening,
                                   split_h=p.marker_split_h, unseeded=p.unseeded)
         if p.min_mean_prob > 0:
-            labels = drop_unsure(labels, fg, p.min_mean_prob)
+            over = p.threshold if p.min_mean_prob_over == "foreground" else None
+            labels = drop_unsure(labels, fg, p.min_mean_prob, over_threshold=over)
         if p.small_objects == "merge":
             labels = merge_small(labels, p.min_size)
         labels = remove_small(labels, p.min_size)
@@ -485,13 +494,18 @@ def grow_labels(labels: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def drop_unsure(labels: np.ndarray, fg: np.ndarray, min_mean: float) -> np.ndarray:
-    """Objects whose mean foreground probability is below `min_mean` become background."""
+def drop_unsure(labels: np.ndarray, fg: np.ndarray, min_mean: float,
+                over_threshold: float | None = None) -> np.ndarray:
+    """Objects whose mean foreground probability is below `min_mean` become background. With
+    `over_threshold`, the mean is over the object's pixels with probability >= it only (an object
+    with none is dropped): holes filled into a gland (its lumen) do not pull its mean down."""
     n = int(labels.max())
     if n == 0:
         return labels
-    sums = np.bincount(labels.ravel(), weights=np.asarray(fg, np.float64).ravel(), minlength=n + 1)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    fg = np.asarray(fg, np.float64)
+    counted = labels if over_threshold is None else np.where(fg >= over_threshold, labels, 0)
+    sums = np.bincount(counted.ravel(), weights=fg.ravel(), minlength=n + 1)
+    sizes = np.bincount(counted.ravel(), minlength=n + 1)
     keep = sums >= min_mean * np.maximum(sizes, 1)
     keep[0] = False
     return np.where(keep[labels], labels, 0).astype(np.int32, copy=False)

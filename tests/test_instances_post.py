@@ -118,11 +118,31 @@ def test_unseeded_regions_and_unsure_objects_can_be_dropped():
     assert maker.labels(min_mean_prob=0.8).max() == 1
 
 
+def test_min_mean_prob_over_foreground_keeps_a_gland_with_a_faint_lumen_and_drops_a_faint_object():
+    # A large sure gland with a big low-probability lumen (filled in by fill_holes) beside a small
+    # object that is faint everywhere: averaged over the whole object the lumen drops the gland;
+    # averaged over its foreground pixels only, the gland stays and the faint object still goes.
+    prob = np.zeros((3, 60, 100), np.float32)
+    prob[0] = 1.0
+    sure, lumen, faint = (slice(5, 55), slice(5, 55)), (slice(12, 48), slice(12, 48)), (slice(20, 40), slice(70, 90))
+    prob[(slice(None),) + sure] = np.array([0.0, 1.0, 0.0], np.float32)[:, None, None]
+    prob[(slice(None),) + lumen] = np.array([0.9, 0.1, 0.0], np.float32)[:, None, None]   # fg 0.1
+    prob[(slice(None),) + faint] = np.array([0.3, 0.7, 0.0], np.float32)[:, None, None]   # fg 0.7
+    maker = InstanceMaker(prob, CARD)
+    assert maker.labels().max() == 2                                         # filter off: both
+    assert maker.labels(min_mean_prob=0.8).max() == 0                        # over the object: none
+    kept = maker.labels(min_mean_prob=0.8, min_mean_prob_over="foreground")
+    assert kept.max() == 1 and kept[30, 30] > 0 and kept[30, 80] == 0        # the gland, lumen filled
+    with pytest.raises(ValueError, match="min_mean_prob_over"):
+        InstanceParams.from_card({"instance_params": {"min_mean_prob_over": "interior"}})
+
+
 def test_new_settings_default_to_the_previous_behaviour_and_reject_unknown_choices():
     p = InstanceParams.from_card({"task": "glands", "head": "three_class",
                                   "instance_params": {"threshold": 0.6}})
     assert (p.marker_smoothing, p.boundary_weight, p.marker_opening, p.marker_split_h,
             p.unseeded, p.small_objects, p.min_mean_prob, p.grow) == (0, 0, 0, 0, "keep", "drop", 0, 0)
+    assert p.min_mean_prob_over == "object"
     with pytest.raises(ValueError, match="unseeded"):
         InstanceParams.from_card({"instance_params": {"unseeded": "merge"}})
     with pytest.raises(ValueError, match="small_objects"):
