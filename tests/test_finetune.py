@@ -735,6 +735,25 @@ def test_replay_per_batch_none_replays_two_crops_on_few_objects_and_one_on_many(
     assert res.corrections["replay_per_batch"] == REPLAY_PER_BATCH_MANY
 
 
+def test_the_default_round_is_longer_on_many_corrected_objects():
+    from src_models.finetune import DECODER_ONLY_BELOW, DEFAULT_STEPS, DEFAULT_STEPS_MANY
+    assert (DEFAULT_STEPS, DEFAULT_STEPS_MANY) == (30, 45)
+    image, few = nuclei_grid()
+    many = np.zeros_like(few)
+    ids = np.arange(1, 16 * 16 + 1).reshape(16, 16)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            many[dy::4, dx::4] = ids
+    assert np.unique(few).size - 1 < DECODER_ONLY_BELOW <= np.unique(many).size - 1
+    for labels, expected in ((few, DEFAULT_STEPS), (many, DEFAULT_STEPS_MANY)):
+        res = finetune(DarknessModel(), image, labels, tile_size=TILE, card=toy_card(), replay=None)
+        assert res.steps_requested == res.steps_done == expected
+        assert res.corrections["steps"] == expected
+    # an explicit number is what runs, whatever the count
+    res = finetune(DarknessModel(), image, many, steps=3, tile_size=TILE, card=toy_card(), replay=None)
+    assert res.steps_done == 3
+
+
 # --------------------------------------------------------------------------- outside the corrections
 def disk_labels(size, centres, r=5):
     yy, xx = np.mgrid[:size, :size]

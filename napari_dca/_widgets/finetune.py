@@ -24,7 +24,11 @@ from ._layout import scrolling
 from ._state import add_recent_checkpoint, get_state, remember, remembered
 from .segment import SegmentResult, put_labels, region_placement, show_result
 
-DEFAULT_STEPS = 30      # = src_models.finetune.DEFAULT_STEPS (tests/gui/test_finetune_widget.py checks)
+# Steps 0 shows as "auto": the engine's default round (src_models.finetune: DEFAULT_STEPS on a few
+# corrected objects, DEFAULT_STEPS_MANY on many; not imported here: that would import torch when
+# the panel opens; tests/gui/test_finetune_widget.py checks the text against the engine)
+AUTO_STEPS = 0
+AUTO_STEPS_TEXT = "auto (30, or 45 on 50+ objects)"
 
 CHANGE_COLORS = {None: "transparent", 0: "transparent", 1: "lime", 2: "red"}
 
@@ -217,10 +221,12 @@ class FinetuneWidget(QWidget):
         self.region = LayerCombo(viewer, (Shapes,), none_text="whole labels layer")
         self.region.setToolTip("Shapes drawn around the part you reviewed; only labels there count")
         self.steps = QSpinBox()
-        self.steps.setRange(1, 5000)
-        # the engine's default round (src_models.finetune.DEFAULT_STEPS; not imported here: that
-        # would import torch when the panel opens), so a round here is the benchmarked one
-        self.steps.setValue(remembered("finetune/steps", DEFAULT_STEPS))
+        self.steps.setRange(AUTO_STEPS, 5000)
+        # "auto" by default, so a round here is the benchmarked one
+        self.steps.setSpecialValueText(AUTO_STEPS_TEXT)
+        self.steps.setToolTip("Training steps of a round; auto: the engine's default for how many "
+                              "objects you corrected")
+        self.steps.setValue(remembered("finetune/steps", AUTO_STEPS))
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(5)
         self.lr.setRange(1e-5, 1e-1)
@@ -407,7 +413,8 @@ class FinetuneWidget(QWidget):
                 result.make_labels()
                 return result
 
-            out = finetune(old_model, image, labels, region=valid, steps=steps, lr=lr,
+            out = finetune(old_model, image, labels, region=valid,
+                           steps=None if steps == AUTO_STEPS else steps, lr=lr,
                            train=None if train == "auto" else train,
                            card=old_card, progress=progress, cancel=cancel.is_set)
             if not getattr(out, "kept", True):  # the engine rolled the round back: nothing changes

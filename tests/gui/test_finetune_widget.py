@@ -85,9 +85,11 @@ def test_finetune_can_be_cancelled(make_napari_viewer, tiny_checkpoint, small_im
 
 def test_the_widget_offers_the_engines_default_round(make_napari_viewer, tmp_path, monkeypatch):
     from napari_dca._widgets import finetune as widget
-    from src_models.finetune import DEFAULT_STEPS
+    from src_models.finetune import DECODER_ONLY_BELOW, DEFAULT_STEPS, DEFAULT_STEPS_MANY
 
     monkeypatch.setenv("NAPARI_DCA_CONFIG_DIR", str(tmp_path))   # nothing remembered
-    assert widget.DEFAULT_STEPS == DEFAULT_STEPS
+    # the "auto" text tells the engine's numbers (not imported by the widget: it would import torch)
+    assert widget.AUTO_STEPS_TEXT == (f"auto ({DEFAULT_STEPS}, or {DEFAULT_STEPS_MANY} on "
+                                      f"{DECODER_ONLY_BELOW}+ objects)")
     ft = widget.FinetuneWidget(make_napari_viewer())
-    assert ft.steps.value() == DEFAULT_STEPS
+    assert ft.steps.value() == widget.AUTO_STEPS and ft.steps.text() == widget.AUTO_STEPS_TEXT
