@@ -37,6 +37,12 @@ HEAD_LIST_KWARGS = {"channel_heads", "spatial_heads"}
 INSTANCE_PARAM_BOUNDS = {
     "threshold": (float, 0.0, 1.0), "min_size": (int, 0, 10 ** 9), "min_distance": (int, 0, 10 ** 4),
     "smoothing": (float, 0.0, 1000.0), "fill_holes": bool, "split": (bool, None),
+    # the marker-watershed settings; the radii and sigmas size a structuring element or a filter
+    # kernel, so a card cannot make one of them as large as memory
+    "marker_min_size": (int, 0, 10 ** 9), "marker_smoothing": (float, 0.0, 1000.0),
+    "boundary_weight": (float, 0.0, 1000.0), "marker_opening": (int, 0, 1000),
+    "marker_split_h": (float, 0.0, 10 ** 4), "min_mean_prob": (float, 0.0, 1.0),
+    "grow": (int, 0, 1000),
 }
 
 
@@ -190,12 +196,16 @@ def _metrics(value: Any) -> dict[str, Any]:
 
 def _instance_params(value: Any) -> dict[str, Any]:
     value = _dict("instance_params", value)
-    from .instances import MODES
+    from .instances import MEAN_PROB_OVER, MODES, SMALL_OBJECTS, UNSEEDED
+    # the settings that take one of a few words: a card with another is refused when it loads,
+    # not when the user first segments with it
+    choices = {"mode": MODES, "unseeded": UNSEEDED, "small_objects": SMALL_OBJECTS,
+               "min_mean_prob_over": MEAN_PROB_OVER}
     for key, item in value.items():
         field = f"instance_params.{key}"
-        if key == "mode":
-            if item not in MODES:
-                raise _fail(field, f"must be one of {list(MODES)}", item)
+        if key in choices:
+            if item not in choices[key]:
+                raise _fail(field, f"must be one of {list(choices[key])}", item)
         elif key in INSTANCE_PARAM_BOUNDS:
             value[key] = _check_bound(field, item, INSTANCE_PARAM_BOUNDS[key])
         elif isinstance(item, (Mapping, list)):
