@@ -12,6 +12,8 @@ centre is written in the original image's coordinates (a region found in a mirro
 back through the mirror), so that the training sampler can crop around it; centres of one image
 closer than --merge pixels are kept once. One thread unless --threads.
 
+A .safetensors path of final all-image weights (the card's validation split empty) runs on all of
+its training images: the hard negatives of a continuation on every image (`--all-images`).
 --split val counts the same regions on the validation split, to measure a model (how many false
 regions and false objects: predicted objects mostly on background); such a file is a score, never
 a training input.
@@ -59,6 +61,15 @@ def false_regions(pred: np.ndarray, gt: np.ndarray, min_area: int) -> list[dict]
     return out
 
 
+def all_image_weights(checkpoint: str) -> bool:
+    """A .safetensors path whose card records a training split and an empty validation split."""
+    if not str(checkpoint).endswith(".safetensors"):
+        return False
+    from src_models.checkpoints import load_checkpoint
+    split = load_checkpoint(checkpoint)[1].data_split or {}
+    return bool(split.get("train")) and split.get("validation") == []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="bundled name or .safetensors")
@@ -81,7 +92,17 @@ def main() -> None:
     from src_models.runtime_onnx import model_digest
     from src_models.safe_write import write_text_atomic
 
-    model, card, root, val_files = validation_set(args.checkpoint)
+    if all_image_weights(args.checkpoint):
+        # final all-image weights (an empty validation split): every image is a training image,
+        # the hard negatives of a continuation on all images; there is no validation split to score
+        if args.split == "val":
+            sys.exit(f"{args.checkpoint} was trained on every image: it has no validation split")
+        from src_models.checkpoints import load_checkpoint
+        from time_1000 import DATASET_FOR_TASK, shared_dir
+        model, card = load_checkpoint(args.checkpoint)
+        root, val_files = shared_dir() / "data" / DATASET_FOR_TASK[card.task] / "train", []
+    else:
+        model, card, root, val_files = validation_set(args.checkpoint)
     names = split_of(card, root / "images", "train")
     val_names = {f[0] for f in val_files}
     assert not val_names & set(names), "the training split overlaps the validation split"
