@@ -776,10 +776,16 @@ def test_object_changes_tell_bridges_and_cuts_from_the_changes_good_rounds_made(
     assert judge_outside(ch) == (False, "rolled back, it joined 2 objects the previous model kept "
                                         "apart outside your corrections")
     touching = np.zeros((40, 40), np.int32)
-    touching[5:35, 25:30], touching[5:35, 30:35] = 1, 2  # one object the old model cut in two
+    touching[5:35, 25:30], touching[5:35, 30:35] = 1, 2  # two objects of one size, touching
     joined = np.where(touching > 0, 1, 0)
-    ch = object_changes(touching, joined, part)          # an internal boundary removed (train_48)
-    assert (ch.merged, ch.bridged) == (1, 0) and judge_outside(ch)[0]
+    ch = object_changes(touching, joined, part)          # two whole objects fused (train_54, s13)
+    assert (ch.merged, ch.bridged, ch.fused) == (1, 0, 1)
+    assert judge_outside(ch) == (False, "rolled back, it merged two objects of about one size that "
+                                        "the previous model had apart outside your corrections")
+    piece = np.zeros((40, 40), np.int32)
+    piece[5:35, 22:34], piece[5:35, 34:36] = 1, 2        # a gland and a sliver the old model cut off
+    ch = object_changes(piece, np.where(piece > 0, 1, 0), part)   # given back (train_48, train_7)
+    assert (ch.merged, ch.bridged, ch.fused) == (1, 0, 0) and judge_outside(ch)[0]
     ch = object_changes(joined, touching, part)          # a new boundary through a whole object
     assert (ch.split, ch.cut) == (1, 1)
     assert judge_outside(ch) == (False, "rolled back, it cut an object the previous model had "
