@@ -28,7 +28,8 @@ from .segment import SegmentResult, put_labels, region_placement, show_result
 # corrected objects, DEFAULT_STEPS_MANY on many; not imported here: that would import torch when
 # the panel opens; tests/gui/test_finetune_widget.py checks the text against the engine)
 AUTO_STEPS = 0
-AUTO_STEPS_TEXT = "auto (30, or 45 on 50+ objects)"
+AUTO_STEPS_TEXT = "auto"     # short: the box is narrow in a docked panel; the tooltip has the numbers
+AUTO_STEPS_TIP = "Training steps of a round; auto: 30, or 45 when you corrected 50 objects or more"
 
 CHANGE_COLORS = {None: "transparent", 0: "transparent", 1: "lime", 2: "red"}
 
@@ -224,8 +225,7 @@ class FinetuneWidget(QWidget):
         self.steps.setRange(AUTO_STEPS, 5000)
         # "auto" by default, so a round here is the benchmarked one
         self.steps.setSpecialValueText(AUTO_STEPS_TEXT)
-        self.steps.setToolTip("Training steps of a round; auto: the engine's default for how many "
-                              "objects you corrected")
+        self.steps.setToolTip(AUTO_STEPS_TIP)
         self.steps.setValue(remembered("finetune/steps", AUTO_STEPS))
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(5)

@@ -88,8 +88,9 @@ def test_the_widget_offers_the_engines_default_round(make_napari_viewer, tmp_pat
     from src_models.finetune import DECODER_ONLY_BELOW, DEFAULT_STEPS, DEFAULT_STEPS_MANY
 
     monkeypatch.setenv("NAPARI_DCA_CONFIG_DIR", str(tmp_path))   # nothing remembered
-    # the "auto" text tells the engine's numbers (not imported by the widget: it would import torch)
-    assert widget.AUTO_STEPS_TEXT == (f"auto ({DEFAULT_STEPS}, or {DEFAULT_STEPS_MANY} on "
-                                      f"{DECODER_ONLY_BELOW}+ objects)")
+    # the tooltip tells the engine's numbers (not imported by the widget: it would import torch)
+    assert widget.AUTO_STEPS_TIP.endswith(f"auto: {DEFAULT_STEPS}, or {DEFAULT_STEPS_MANY} when you "
+                                          f"corrected {DECODER_ONLY_BELOW} objects or more")
     ft = widget.FinetuneWidget(make_napari_viewer())
-    assert ft.steps.value() == widget.AUTO_STEPS and ft.steps.text() == widget.AUTO_STEPS_TEXT
+    assert ft.steps.value() == widget.AUTO_STEPS and ft.steps.text() == "auto"
+    assert ft.steps.toolTip() == widget.AUTO_STEPS_TIP
