@@ -1,0 +1,36 @@
+"""benchmarks/find_false_glands.py: which checkpoints count as all-image weights (every image a
+training image, so the hard negatives come from all of them and there is no validation split)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from src_models import build_model
+from src_models.checkpoints import card_for, save_checkpoint
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def script():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("find_false_glands", BENCH / "find_false_glands.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def checkpoint(path, validation):
+    torch.manual_seed(0)
+    model = build_model("unet", width=0.125)
+    split = {"dataset": "GlaS", "train": ["a", "b"], "validation": validation}
+    return str(save_checkpoint(model, path, card_for(model, task="glands", tile_size=64, data_split=split)))
+
+
+def test_only_a_card_with_an_empty_validation_split_is_all_image_weights(tmp_path):
+    find = script()
+    assert find.all_image_weights(checkpoint(tmp_path / "final.safetensors", []))
+    assert not find.all_image_weights(checkpoint(tmp_path / "selected.safetensors", ["c"]))
+    assert not find.all_image_weights("glands")          # a bundled name: its selected run is used
