@@ -1,23 +1,17 @@
 """scripts/average_weights.py: the uniform average of runs of one recipe, as one checkpoint."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from src_models import build_model
 from src_models.checkpoints import card_for, load_checkpoint, save_checkpoint
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "average_weights.py"
+from script_module import load_script
 
 
 def average_script():
-    spec = importlib.util.spec_from_file_location("average_weights", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/average_weights.py")
 
 
 def run(path, seed, width=0.125):

@@ -2,24 +2,16 @@
 training image, so the hard negatives come from all of them and there is no validation split)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
 from src_models import build_model
 from src_models.checkpoints import card_for, save_checkpoint
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from script_module import load_script
 
 
 def script():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("find_false_glands", BENCH / "find_false_glands.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/find_false_glands.py")
 
 
 def checkpoint(path, validation):

@@ -1,7 +1,6 @@
 """scripts/ship_bundled.py --final-of: the card of all-image weights takes the selected run's record."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,14 +9,13 @@ import torch
 from src_models import build_model
 from src_models.checkpoints import card_for, load_checkpoint, save_checkpoint
 
+from script_module import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ship_bundled.py"
 
 
 def ship_script():
-    spec = importlib.util.spec_from_file_location("ship_bundled", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/ship_bundled.py")
 
 
 def tiny(path, **card):
