@@ -83,6 +83,31 @@ def test_finetune_can_be_cancelled(make_napari_viewer, tiny_checkpoint, small_im
     assert len(ft.round.losses) < 2000
 
 
+def test_auto_steps_typed_at_the_keyboard_run_the_engines_default_round(
+        make_napari_viewer, tiny_checkpoint, small_image, wait_for, messages, qtbot, keep_every_round):
+    from qtpy.QtCore import Qt
+    from src_models.finetune import DEFAULT_STEPS
+
+    viewer, seg, ft, output, user = _setup(make_napari_viewer, tiny_checkpoint, small_image, wait_for)
+    user_before = user.data.copy()
+    for _ in range(3):                                     # 3 -> 2 -> 1 -> "auto", as a user would
+        qtbot.keyClick(ft.steps, Qt.Key_Down)
+    assert ft.steps.text() == "auto"
+    qtbot.mouseClick(ft.run_button, Qt.LeftButton)
+    wait_for(ft)
+    assert not errors(messages), messages
+    assert len(ft.plot.values) == DEFAULT_STEPS            # two corrected objects: the few-object round
+    # the next control: a number typed over "auto" is what the next round runs
+    ft.steps.selectAll()
+    qtbot.keyClicks(ft.steps, "2")
+    assert ft.steps.value() == 2
+    qtbot.mouseClick(ft.run_button, Qt.LeftButton)
+    wait_for(ft)
+    assert not errors(messages), messages
+    assert len(ft.plot.values) == 2
+    assert np.array_equal(user.data, user_before), "the user's corrections are never written to"
+
+
 def test_the_widget_offers_the_engines_default_round(make_napari_viewer, tmp_path, monkeypatch):
     from napari_dca._widgets import finetune as widget
     from src_models.finetune import DECODER_ONLY_BELOW, DEFAULT_STEPS, DEFAULT_STEPS_MANY
