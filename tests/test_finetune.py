@@ -244,6 +244,16 @@ def nuclei_grid(size: int = 64):
     return image, labels
 
 
+def many_squares(shape=(64, 64)):
+    """Labels of 256 corrected objects: 2x2 squares every 4 pixels (more than DECODER_ONLY_BELOW)."""
+    many = np.zeros(shape, np.int32)
+    ids = np.arange(1, 16 * 16 + 1).reshape(16, 16)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            many[dy::4, dx::4] = ids
+    return many
+
+
 def test_split_check_holds_back_the_far_end_between_objects():
     from src_models.finetune_check import split_check
     _, labels = nuclei_grid()
@@ -723,11 +733,7 @@ def test_replay_per_batch_none_replays_two_crops_on_few_objects_and_one_on_many(
     assert res.corrections["replay_per_batch"] == REPLAY_PER_BATCH_FEW
     # many corrected objects (2x2 squares every 4 pixels: 256): one replay crop per batch
     seen.clear()
-    many = np.zeros_like(labels)
-    ids = np.arange(1, 16 * 16 + 1).reshape(16, 16)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            many[dy::4, dx::4] = ids
+    many = many_squares(labels.shape)
     res = finetune(Recording(), image, many, steps=2, tile_size=TILE, card=toy_card(), replay=replay,
                    batch_size=2, replay_per_batch=None)
     assert np.unique(many).size - 1 >= DECODER_ONLY_BELOW
@@ -739,11 +745,7 @@ def test_the_default_round_is_longer_on_many_corrected_objects():
     from src_models.finetune import DECODER_ONLY_BELOW, DEFAULT_STEPS, DEFAULT_STEPS_MANY
     assert (DEFAULT_STEPS, DEFAULT_STEPS_MANY) == (30, 45)
     image, few = nuclei_grid()
-    many = np.zeros_like(few)
-    ids = np.arange(1, 16 * 16 + 1).reshape(16, 16)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            many[dy::4, dx::4] = ids
+    many = many_squares(few.shape)
     assert np.unique(few).size - 1 < DECODER_ONLY_BELOW <= np.unique(many).size - 1
     for labels, expected in ((few, DEFAULT_STEPS), (many, DEFAULT_STEPS_MANY)):
         res = finetune(DarknessModel(), image, labels, tile_size=TILE, card=toy_card(), replay=None)
