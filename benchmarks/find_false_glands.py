@@ -61,12 +61,9 @@ def false_regions(pred: np.ndarray, gt: np.ndarray, min_area: int) -> list[dict]
     return out
 
 
-def all_image_weights(checkpoint: str) -> bool:
-    """A .safetensors path whose card records a training split and an empty validation split."""
-    if not str(checkpoint).endswith(".safetensors"):
-        return False
-    from src_models.checkpoints import load_checkpoint
-    split = load_checkpoint(checkpoint)[1].data_split or {}
+def all_image_weights(card) -> bool:
+    """The card records a training split and an empty validation split (train_recipe --all-images)."""
+    split = card.data_split or {}
     return bool(split.get("train")) and split.get("validation") == []
 
 
@@ -84,7 +81,7 @@ def main() -> None:
 
     import torch
     torch.set_num_threads(args.threads)
-    from selected_weights import validation_set
+    from selected_weights import scored_model, validation_files
     from src_models.evaluate import match_files, read_mask, split_of
     from src_models.image_io import read_image
     from src_models.inference import predict
@@ -92,17 +89,15 @@ def main() -> None:
     from src_models.runtime_onnx import model_digest
     from src_models.safe_write import write_text_atomic
 
-    if all_image_weights(args.checkpoint):
+    model, card, root = scored_model(args.checkpoint)
+    if all_image_weights(card):
         # final all-image weights (an empty validation split): every image is a training image,
         # the hard negatives of a continuation on all images; there is no validation split to score
         if args.split == "val":
             sys.exit(f"{args.checkpoint} was trained on every image: it has no validation split")
-        from src_models.checkpoints import load_checkpoint
-        from time_1000 import DATASET_FOR_TASK, shared_dir
-        model, card = load_checkpoint(args.checkpoint)
-        root, val_files = shared_dir() / "data" / DATASET_FOR_TASK[card.task] / "train", []
+        val_files = []
     else:
-        model, card, root, val_files = validation_set(args.checkpoint)
+        val_files = validation_files(card, root)
     names = split_of(card, root / "images", "train")
     val_names = {f[0] for f in val_files}
     assert not val_names & set(names), "the training split overlaps the validation split"

@@ -33,14 +33,24 @@ def for_validation(name: str) -> str:
     return str(path)
 
 
-def validation_set(name: str):
-    """(model, card, data root, validation files) of a checkpoint as the validation benchmarks use
-    it: `for_validation`'s weights, the task's data set under NAPARI_DCA_SHARED, and the images of
-    the card's validation split as `evaluate.match_files` pairs (name, image path, mask path)."""
+def scored_model(name: str):
+    """(model, card, data root): `for_validation`'s weights and the task's data set under
+    NAPARI_DCA_SHARED."""
     from src_models.checkpoints import load_checkpoint, resolve_checkpoint
-    from src_models.evaluate import match_files, split_of
     from time_1000 import DATASET_FOR_TASK, shared_dir
     model, card = load_checkpoint(resolve_checkpoint(for_validation(name)))
-    root = shared_dir() / "data" / DATASET_FOR_TASK[card.task] / "train"
-    files = match_files(root / "images", root / "masks", split_of(card, root / "images", "val"))
-    return model, card, root, files
+    return model, card, shared_dir() / "data" / DATASET_FOR_TASK[card.task] / "train"
+
+
+def validation_files(card, root: Path) -> list[tuple]:
+    """The images of the card's validation split as `evaluate.match_files` pairs (name, image
+    path, mask path)."""
+    from src_models.evaluate import match_files, split_of
+    return match_files(root / "images", root / "masks", split_of(card, root / "images", "val"))
+
+
+def validation_set(name: str):
+    """(model, card, data root, validation files) of a checkpoint as the validation benchmarks use
+    it: `scored_model` and its card's `validation_files`."""
+    model, card, root = scored_model(name)
+    return model, card, root, validation_files(card, root)

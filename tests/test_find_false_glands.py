@@ -23,6 +23,8 @@ def checkpoint(path, validation):
 
 def test_only_a_card_with_an_empty_validation_split_is_all_image_weights(tmp_path):
     find = script()
-    assert find.all_image_weights(checkpoint(tmp_path / "final.safetensors", []))
-    assert not find.all_image_weights(checkpoint(tmp_path / "selected.safetensors", ["c"]))
-    assert not find.all_image_weights("glands")          # a bundled name: its selected run is used
+    from selected_weights import scored_model
+    card = lambda name: scored_model(name)[1]            # noqa: E731  (what main() looks at)
+    assert find.all_image_weights(card(checkpoint(tmp_path / "final.safetensors", [])))
+    assert not find.all_image_weights(card(checkpoint(tmp_path / "selected.safetensors", ["c"])))
+    assert not find.all_image_weights(card("glands"))    # a bundled name: its selected run is used
