@@ -1,5 +1,5 @@
 """Per-image differences between two scorings of the same images (B minus A): for each glands
-score the mean difference, on how many images B is better / worse / equal, and the largest drop
+(or nuclei) score the mean difference, on how many images B is better / worse / equal, and the largest drop
 and gain with their image names.
 
     python benchmarks/compare_per_image.py A/evaluation.json B/evaluation.json
@@ -15,7 +15,13 @@ import sys
 
 import numpy as np
 
-METRICS = ("object_f1", "object_dice", "object_hausdorff", "dice")
+GLANDS_METRICS = ("object_f1", "object_dice", "object_hausdorff", "dice")
+NUCLEI_METRICS = ("aji", "pq", "dice")
+
+
+def metrics_of(row: dict) -> tuple[str, ...]:
+    """The glands scores where the report has them, else the nuclei ones."""
+    return GLANDS_METRICS if "object_f1" in row else NUCLEI_METRICS
 
 
 def rows(arg: str) -> dict[str, dict]:
@@ -33,7 +39,7 @@ def main() -> None:
     print(f"B = {sys.argv[2]}  minus  A = {sys.argv[1]}  ({len(names)} images)\n")
     print("| score | mean A | mean B | mean B-A | B better / worse / equal | largest drop | largest gain |")
     print("|---|---|---|---|---|---|---|")
-    for m in METRICS:
+    for m in metrics_of(a[names[0]]):
         sign = -1.0 if m == "object_hausdorff" else 1.0
         d = np.array([b[n][m] - a[n][m] for n in names], float)
         good = sign * d
