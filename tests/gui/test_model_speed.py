@@ -102,3 +102,30 @@ def test_a_recent_file_shows_its_measured_time_and_a_file_without_one_just_its_n
     texts = _texts(widget.checkpoint)
     assert "my_model.safetensors (0.7 s per 1000×1000 on this CPU)" in texts
     assert "plain.safetensors" in texts
+
+
+def test_the_shipped_glands_accurate_is_listed_beside_glands_and_loads(
+        make_napari_viewer, qtbot, wait_for, messages):
+    # the real bundled models: the user sees both glands variants with their times and loads the
+    # accurate one, which is the wider network its card describes
+    from qtpy.QtCore import Qt
+
+    from napari_dca._widgets.model import ModelWidget
+    from src_models.checkpoints import bundled_checkpoints, load_checkpoint
+
+    if "glands_accurate" not in bundled_checkpoints():
+        pytest.skip("no glands_accurate in this checkout")
+    widget = ModelWidget(make_napari_viewer())
+    texts = _texts(widget.checkpoint)
+    fast = next(t for t in texts if t.startswith("glands ("))
+    accurate = next(t for t in texts if t.startswith("glands_accurate ("))
+    assert fast.startswith("glands (fast, ") and accurate.startswith("glands_accurate (accurate, ")
+    assert texts.index(accurate) == texts.index(fast) + 1, "each model next to its accurate variant"
+    widget.checkpoint.setCurrentIndex(widget.checkpoint.findData("glands_accurate"))
+    qtbot.mouseClick(widget.load_button, Qt.LeftButton)
+    wait_for(widget)
+    assert not errors(messages), messages
+    card = widget.card.text()
+    assert "<b>Speed</b>: accurate variant: 2.1 s per 1000×1000 image" in card
+    _, shipped = load_checkpoint("glands_accurate")
+    assert shipped.model_kwargs["width"] == 0.25 and shipped.metrics["validation"]["object_f1"] > 0.87
