@@ -47,7 +47,7 @@ def test_widened_model_computes_the_same_logits():
     assert sum(p.numel() for p in wide.parameters()) > 3 * sum(p.numel() for p in narrow.parameters())
 
 
-def test_noise_lets_twins_differ_and_training_moves_them_apart():
+def test_noise_lets_twins_differ_and_moves_the_function_by_little():
     narrow = trained_like()
     wide = wide_of(narrow)
     wide.load_state_dict(widen_state(narrow, wide, noise=0.02, generator=torch.Generator().manual_seed(1)))

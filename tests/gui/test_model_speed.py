@@ -49,6 +49,16 @@ def _texts(combo):
     return [combo.itemText(i) for i in range(combo.count())]
 
 
+def _pick_and_load(widget, name, qtbot, wait_for, messages) -> str:
+    """What a user does: pick `name` in the list, press Load model; the card's text once loaded."""
+    from qtpy.QtCore import Qt
+    widget.checkpoint.setCurrentIndex(widget.checkpoint.findData(name))
+    qtbot.mouseClick(widget.load_button, Qt.LeftButton)
+    wait_for(widget)
+    assert not errors(messages), messages
+    return widget.card.text()
+
+
 def test_picker_and_card_show_each_variants_measured_time(
         make_napari_viewer, qtbot, wait_for, messages, bundled_dir):
     from qtpy.QtCore import Qt
@@ -69,21 +79,13 @@ def test_picker_and_card_show_each_variants_measured_time(
     assert "time_1000.py" in tip
 
     # the user picks the accurate variant in the list and presses Load model
-    widget.checkpoint.setCurrentIndex(widget.checkpoint.findData("nuclei_accurate"))
-    qtbot.mouseClick(widget.load_button, Qt.LeftButton)
-    wait_for(widget)
-    assert not errors(messages), messages
-    card = widget.card.text()
+    card = _pick_and_load(widget, "nuclei_accurate", qtbot, wait_for, messages)
     assert "<b>Speed</b>: accurate variant: 1.9 s per 1000×1000 image on this CPU" in card
     assert "1.8 s model + 0.1 s objects" in card
     assert "speed_1000" not in card and "dice 0.800" in card, "other metrics as before"
 
     # a model without the measurement: no speed row, no crash
-    widget.checkpoint.setCurrentIndex(widget.checkpoint.findData("glands"))
-    qtbot.mouseClick(widget.load_button, Qt.LeftButton)
-    wait_for(widget)
-    assert not errors(messages), messages
-    assert "Speed" not in widget.card.text()
+    assert "Speed" not in _pick_and_load(widget, "glands", qtbot, wait_for, messages)
 
 
 def test_a_recent_file_shows_its_measured_time_and_a_file_without_one_just_its_name(
@@ -108,8 +110,6 @@ def test_the_shipped_glands_accurate_is_listed_beside_glands_and_loads(
         make_napari_viewer, qtbot, wait_for, messages):
     # the real bundled models: the user sees both glands variants with their times and loads the
     # accurate one, which is the wider network its card describes
-    from qtpy.QtCore import Qt
-
     from napari_dca._widgets.model import ModelWidget
     from src_models.checkpoints import bundled_checkpoints, load_checkpoint
 
@@ -121,11 +121,7 @@ def test_the_shipped_glands_accurate_is_listed_beside_glands_and_loads(
     accurate = next(t for t in texts if t.startswith("glands_accurate ("))
     assert fast.startswith("glands (fast, ") and accurate.startswith("glands_accurate (accurate, ")
     assert texts.index(accurate) == texts.index(fast) + 1, "each model next to its accurate variant"
-    widget.checkpoint.setCurrentIndex(widget.checkpoint.findData("glands_accurate"))
-    qtbot.mouseClick(widget.load_button, Qt.LeftButton)
-    wait_for(widget)
-    assert not errors(messages), messages
-    card = widget.card.text()
+    card = _pick_and_load(widget, "glands_accurate", qtbot, wait_for, messages)
     assert "<b>Speed</b>: accurate variant: 2.1 s per 1000×1000 image" in card
     _, shipped = load_checkpoint("glands_accurate")
     assert shipped.model_kwargs["width"] == 0.25 and shipped.metrics["validation"]["object_f1"] > 0.87
