@@ -266,6 +266,43 @@ def test_sparse_overlaps_agree_with_dense_contingency():
     np.testing.assert_array_equal(dense[:, 1:].sum(0), ov.area_pred)
 
 
+
+def _relabel_by_sorting(labels):
+    """relabel_sequential as np.unique does it: the reference the lookup-table path must equal."""
+    ids, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.reshape(labels.shape).astype(np.int64)
+    return (inverse, ids.size - 1) if ids.size and ids[0] == 0 else (inverse + 1, ids.size)
+
+
+@pytest.mark.parametrize("case", ["sparse ids", "no background", "huge ids", "negative ids",
+                                  "uint16", "all background", "one pixel"])
+def test_relabel_sequential_equals_sorting_on_every_id_layout(case):
+    rng = np.random.default_rng(5)
+    labels = {"sparse ids": rng.integers(0, 9, (30, 40)) * 37,
+              "no background": rng.integers(3, 12, (30, 40)),
+              "huge ids": rng.integers(0, 4, (30, 40)) * 10**12,     # sorting path: no table
+              "negative ids": rng.integers(-3, 5, (30, 40)),
+              "uint16": (rng.integers(0, 5, (30, 40)) * 1000).astype(np.uint16),
+              "all background": np.zeros((4, 5), np.int32),
+              "one pixel": np.array([[7]])}[case]
+    out, n = M.relabel_sequential(labels)
+    ref, n_ref = _relabel_by_sorting(labels)
+    assert out.dtype == np.int64 and n == n_ref
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_overlaps_pairs_in_order_with_many_fragments_on_the_sorting_path():
+    # more gt x pred pairs than pixels: the pairs are counted by sorting, the result must not change
+    rng = np.random.default_rng(3)
+    gt = np.arange(1, 401).reshape(20, 20)
+    pred = rng.permutation(400).reshape(20, 20) + 1
+    ov = M.overlaps(gt, pred)
+    dense = M.contingency(gt, pred)
+    np.testing.assert_array_equal(dense[1:, 1:][ov.gi, ov.pj], ov.inter)
+    assert np.count_nonzero(dense[1:, 1:]) == ov.gi.size
+    assert np.all(np.diff(ov.gi * ov.n_pred + ov.pj) > 0)   # listed by (gt, pred): ties stable
+    assert M.aji(gt, gt * 3) == 1.0 and M.overlaps(gt, np.zeros_like(gt)).gi.size == 0
+
 # ----------------------------------------------------------------------------- evaluation tables
 def test_score_pairs_table_and_json(tmp_path):
     import json
